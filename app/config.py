@@ -1,0 +1,109 @@
+"""The typed schema of `serve_config.yaml`'s `args`. Every field is checked when the app is built
+(`serve run`, `serve deploy`, `conduit validate`); an error names the field it is about."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineConfig(Strict):
+    """How one model replica batches. Defaults suit the CPU demo; see serve_config.yaml."""
+
+    max_num_seqs: int = Field(32, gt=0, le=4096, description="sequences decoded together (batch slots)")
+    max_model_len: int | None = Field(
+        None, gt=0, description="context window; default: the model's max_position_embeddings"
+    )
+    block_size: int = Field(16, gt=0, le=1024, description="tokens per KV block")
+    num_kv_blocks: int | None = Field(
+        None, gt=0, description="KV budget in blocks; default: enough for every slot at max_model_len"
+    )
+    num_prefix_blocks: int = Field(256, ge=0, description="prefix-cache capacity in blocks (0: off)")
+    max_prefill_tokens: int = Field(4096, gt=0, description="prompt tokens admitted in one prefill step")
+    stream_interval_s: float = Field(
+        0.02, ge=0, le=1, description="streamed deltas are coalesced and sent at most this often"
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads; default: the replica's num_cpus")
+
+    def resolved(self, model_max_positions: int | None) -> EngineConfig:
+        """A copy with every derived size filled in, once the model's own limits are known."""
+        max_len = self.max_model_len or model_max_positions or 2048
+        if model_max_positions and max_len > model_max_positions:
+            raise ValueError(
+                f"engine.max_model_len={max_len} exceeds the model's max_position_embeddings={model_max_positions}"
+            )
+        blocks = self.num_kv_blocks or self.max_num_seqs * -(-max_len // self.block_size)
+        return self.model_copy(update={"max_model_len": max_len, "num_kv_blocks": blocks})
+
+
+class ModelConfig(Strict):
+    name: str = Field(min_length=1, max_length=200, description="the id clients send as `model`")
+    source: str = Field(min_length=1, description="a local model directory or a Hugging Face model id")
+    build_demo_if_missing: bool = Field(
+        False, description="build the tiny random demo model at `source` if that directory does not exist"
+    )
+    trust_remote_code: bool = False
+    aliases: list[str] = Field(default_factory=list, description="other ids that reach this model")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @property
+    def deployment_name(self) -> str:
+        return "Model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+
+    @property
+    def resolved_source(self) -> str:
+        """Relative paths are taken from the project root, so every process resolves them alike."""
+        path = Path(self.source)
+        if path.is_absolute():
+            return str(path)
+        local = PROJECT_ROOT / path
+        return str(local) if (local.exists() or self.build_demo_if_missing or self.source.startswith(".")) else self.source
+
+
+class IngressConfig(Strict):
+    max_request_bytes: int = Field(1_000_000, gt=0, description="larger bodies get 413")
+
+
+class AppConfig(Strict):
+    models: list[ModelConfig] = Field(min_length=1)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AppConfig:
+        seen: set[str] = set()
+        for i, model in enumerate(self.models):
+            for model_id in [model.name, *model.aliases]:
+                if model_id in seen:
+                    raise ValueError(f"models[{i}]: model id {model_id!r} is used twice")
+                seen.add(model_id)
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that failed validation; the message lists each bad field as a dotted path."""
+
+
+def _where(loc: tuple) -> str:
+    out = "args"
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def parse_app_config(args: dict) -> AppConfig:
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as e:
+        lines = [f"{_where(err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("invalid Conduit config:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,131 @@
+"""Runs an `LLMEngine` in a background thread and exposes each request as an async stream.
+
+Torch releases the GIL inside its kernels, so the event loop that serves requests keeps running
+while a step computes. The engine itself is touched only by its thread: requests and aborts are
+posted to an inbox and applied between steps (that is how new requests join a running batch)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from app.engine.engine import LLMEngine, RequestOutput
+from app.engine.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: list[tuple] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.last_step_end = time.monotonic()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="conduit-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def _post(self, command: tuple) -> None:
+        with self._lock:
+            self._inbox.append(command)
+        self._wake.set()
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, flush_interval: float = 0.0
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields merged deltas, at most one per `flush_interval` (the first at once), the last with
+        `finished=True`. Closing the iterator early aborts the request and frees its KV blocks."""
+        if not self.alive:
+            raise EngineDeadError(f"engine is not running: {self.error!r}")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._post(("add", request_id, prompt_ids, params))
+        finished = False
+        last_flush = -1e9
+        try:
+            while not finished:
+                out = _drain(await queue.get(), queue)
+                wait = last_flush + flush_interval - time.monotonic()
+                if not out.finished and wait > 0:
+                    await asyncio.sleep(wait)
+                    out = _drain(out, queue)
+                last_flush = time.monotonic()
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._post(("abort", request_id))
+
+    # engine thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                self._apply_inbox()
+                if not self.engine.has_work():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                outputs = self.engine.step()
+                self.last_step_end = time.monotonic()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        except BaseException as e:  # the loop died: every waiting stream must hear of it
+            self.error = e
+            self._loop.call_soon_threadsafe(self._fail_all, e)
+            raise
+
+    def _apply_inbox(self) -> None:
+        with self._lock:
+            commands, self._inbox = self._inbox, []
+        for command in commands:
+            if command[0] == "abort":
+                self.engine.abort_request(command[1])
+                continue
+            _, request_id, prompt_ids, params = command
+            try:
+                self.engine.add_request(request_id, prompt_ids, params)
+            except ValueError as e:
+                self._loop.call_soon_threadsafe(self._dispatch_error, request_id, e)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            queue = self._streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _dispatch_error(self, request_id: str, error: Exception) -> None:
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for queue in self._streams.values():
+            queue.put_nowait(EngineDeadError(f"engine loop died: {error!r}"))
+
+
+def _drain(first, queue: asyncio.Queue) -> RequestOutput:
+    """Merge everything already queued into `first`; errors are raised."""
+    if isinstance(first, BaseException):
+        raise first
+    while not queue.empty():
+        nxt = queue.get_nowait()
+        if isinstance(nxt, BaseException):
+            raise nxt
+        first.merge(nxt)
+    return first

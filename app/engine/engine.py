@@ -1,0 +1,175 @@
+"""The engine: requests in, token deltas out, one `step()` at a time. No Ray, no asyncio, no HTTP —
+`async_engine.py` drives it from a thread, and tests drive it directly."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from app.config import EngineConfig
+from app.engine.block_manager import BlockManager
+from app.engine.detokenizer import IncrementalDetokenizer
+from app.engine.model_runner import ModelRunner
+from app.engine.sampler import sample
+from app.engine.sampling_params import SamplingParams
+from app.engine.scheduler import Scheduler
+from app.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the new tokens and text since the last output."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+    def merge(self, later: RequestOutput) -> RequestOutput:
+        self.token_ids += later.token_ids
+        self.text += later.text
+        self.finished, self.finish_reason = later.finished, later.finish_reason
+        self.num_output_tokens = later.num_output_tokens
+        return self
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+    prefix_queries: int
+    prefix_hits: int
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_model_len = config.max_model_len
+        self.eos_ids = frozenset(_eos_ids(model, tokenizer))
+        self.blocks = BlockManager(config.num_kv_blocks, config.block_size, config.num_prefix_blocks)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens)
+        self.runner = ModelRunner(model, config.max_num_seqs, config.max_model_len, config.block_size, config.num_prefix_blocks)
+        self.sequences: dict[str, Sequence] = {}
+
+    # requests ---------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        total = len(prompt_ids) + params.max_tokens
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context window of {self.max_model_len} tokens"
+            )
+        if -(-total // self.config.block_size) > self.config.num_kv_blocks:
+            raise ValueError(f"prompt + max_tokens ({total} tokens) can never fit in the KV cache")
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
+        seq = Sequence(request_id, prompt_ids, params, detok, self.eos_ids)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "abort"
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.blocks.num_used,
+            kv_blocks_total=self.blocks.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_queries=self.blocks.prefix_queries,
+            prefix_hits=self.blocks.prefix_hits,
+        )
+
+    # the step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        seqs, is_prefill = self.scheduler.schedule()
+        self._apply_slot_moves()
+        if not seqs:
+            return []
+        if is_prefill:
+            for seq in seqs:
+                self._load_cached_prefix(seq)
+            logits = self.runner.prefill(seqs)
+            for seq in seqs:
+                seq.num_cached = seq.num_tokens
+                self._store_prefix(seq)
+        else:
+            logits = self.runner.decode(seqs)
+            for seq in seqs:
+                seq.num_cached = seq.num_tokens
+        tokens = sample(logits, seqs)
+        outputs = [self._append_token(seq, token) for seq, token in zip(seqs, tokens)]
+        for seq in seqs:
+            if seq.is_finished:
+                self.scheduler.remove(seq)
+                self.sequences.pop(seq.request_id, None)
+        self._apply_slot_moves()
+        return outputs
+
+    def _apply_slot_moves(self) -> None:
+        for src, dst, length in self.scheduler.pending_moves:
+            self.runner.cache.move_slot(src, dst, length)
+        self.scheduler.pending_moves.clear()
+
+    def _load_cached_prefix(self, seq: Sequence) -> None:
+        if seq.num_cached == 0:
+            entries = self.blocks.match_prefix(seq.token_ids)
+            self.runner.cache.load_prefix(seq.slot, entries)
+            seq.num_cached = len(entries) * self.config.block_size
+
+    def _store_prefix(self, seq: Sequence) -> None:
+        for block, entry in self.blocks.entries_to_store(seq.token_ids):
+            self.runner.cache.save_prefix(seq.slot, block, entry)
+
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        seq.output_ids.append(token)
+        p = seq.params
+        n = len(seq.output_ids)
+        is_eos = token in seq.eos_ids and not p.ignore_eos
+        if not is_eos:
+            seq.detokenizer.add_token(token)
+        if is_eos or token in p.stop_token_ids or seq.detokenizer.stopped:
+            seq.finish_reason = "stop"
+        elif n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason:
+            seq.status = SequenceStatus.FINISHED
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=[token],
+            text=seq.detokenizer.take_delta(final=seq.is_finished),
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_output_tokens=n,
+        )
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return ids

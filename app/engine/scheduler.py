@@ -1,0 +1,80 @@
+"""Decides, each step, which sequences run: admit waiting ones (a prefill step) while slots, blocks
+and the prefill token budget allow, otherwise decode every running sequence. When a running
+sequence needs a KV block and none is free, the newest one is preempted: its blocks are freed and
+it goes back to the front of the queue, to be recomputed (from the prefix cache where it can)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from app.engine.block_manager import BlockManager
+from app.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_prefill_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # running[i].slot == i
+        self.num_preemptions = 0
+        self.pending_moves: list[tuple[int, int, int]] = []  # (src slot, dst slot, tokens) for the runner
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Returns (sequences, is_prefill)."""
+        admitted, budget = [], self.max_prefill_tokens
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if admitted and seq.num_tokens > budget:
+                break
+            if not self.blocks.can_allocate(seq.num_tokens):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            seq.slot = len(self.running)
+            self.running.append(seq)
+            admitted.append(seq)
+            budget -= seq.num_tokens
+        if admitted:
+            return admitted, True
+        for seq in list(self.running):
+            while not self.blocks.can_append(seq):
+                self.preempt(self.running[-1])
+                if seq.status != SequenceStatus.RUNNING:
+                    break
+            if seq.status == SequenceStatus.RUNNING:
+                self.blocks.append(seq)
+        return list(self.running), False
+
+    def preempt(self, seq: Sequence) -> None:
+        self.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_cached = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out. A running one's slot is refilled by the last slot's sequence, keeping
+        slots 0..R-1 dense; the move is queued in `pending_moves` for the runner to copy its K/V."""
+        self.blocks.deallocate(seq)
+        if seq.slot < 0:  # not running
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            return
+        slot = seq.slot
+        last = self.running.pop()
+        seq.slot = -1
+        if last is seq:
+            return
+        self.running[slot] = last
+        self.pending_moves.append((last.slot, slot, last.num_cached))
+        last.slot = slot

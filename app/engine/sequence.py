@@ -1,0 +1,58 @@
+"""One request's state inside the engine: its tokens, its KV slot and blocks, its decoding state."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum, auto
+
+import torch
+
+from app.engine.detokenizer import IncrementalDetokenizer
+from app.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        detokenizer: IncrementalDetokenizer,
+        eos_ids: frozenset[int],
+    ):
+        self.request_id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.eos_ids = eos_ids
+        self.detokenizer = detokenizer
+        self.status = SequenceStatus.WAITING
+        self.slot = -1  # row of the KV cache while running
+        self.block_ids: list[int] = []  # KV blocks charged to this sequence
+        self.num_cached = 0  # tokens whose K/V are in the slot
+        self.finish_reason: str | None = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.num_preemptions = 0
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return f"Sequence({self.request_id}, {self.status.name}, tokens={self.num_tokens}, slot={self.slot})"
