@@ -31,14 +31,23 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self.last_step_end = time.monotonic()
 
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="conduit-engine", daemon=True)
-        self._thread.start()
+    def ensure_started(self) -> None:
+        """Start the engine thread, bound to the running event loop (call from inside it)."""
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="conduit-engine", daemon=True)
+            self._thread.start()
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def check_health(self, stall_limit_s: float) -> None:
+        """Raise when the loop has died, or has work but finished no step for `stall_limit_s`."""
+        if self._thread is not None and not self.alive:
+            raise EngineDeadError(f"engine loop died: {self.error!r}")
+        if self.engine.has_work() and time.monotonic() - self.last_step_end > stall_limit_s:
+            raise EngineDeadError(f"engine stalled: no step finished in {stall_limit_s:.0f} s")
 
     def _post(self, command: tuple) -> None:
         with self._lock:
@@ -50,6 +59,7 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yields merged deltas, at most one per `flush_interval` (the first at once), the last with
         `finished=True`. Closing the iterator early aborts the request and frees its KV blocks."""
+        self.ensure_started()
         if not self.alive:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
         queue: asyncio.Queue = asyncio.Queue()
@@ -80,6 +90,7 @@ class AsyncEngine:
                 if not self.engine.has_work():
                     self._wake.wait()
                     self._wake.clear()
+                    self.last_step_end = time.monotonic()  # idle time is not a stall
                     continue
                 outputs = self.engine.step()
                 self.last_step_end = time.monotonic()

@@ -1,0 +1,196 @@
+"""OpenAI wire format: request schemas, their translation into the internal `GenerateRequest`,
+and the response / stream-chunk objects built from engine outputs."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.api.errors import ConduitError, invalid
+from app.api.protocol import GenerateRequest
+from app.engine.engine import RequestOutput
+from app.engine.sampling_params import SamplingParams
+
+MAX_STOP = 16
+
+
+class _Request(BaseModel):
+    # unknown fields are refused (400 naming them) rather than silently ignored
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    user: str | None = None
+    # extensions (vLLM's names), for benchmarks and fine control
+    top_k: Annotated[int, Field(ge=-1)] = 0
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+
+    def sampling(self, max_tokens: int | None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=max_tokens or 1,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k, 0),
+            min_p=self.min_p,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            stop=stop,
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+        )
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _one_max(self) -> ChatCompletionRequest:
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("set max_tokens or max_completion_tokens, not both")
+        return self
+
+    def to_internal(self, request_id: str) -> GenerateRequest:
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return GenerateRequest(
+            request_id=request_id,
+            model=self.model,
+            sampling=self.sampling(max_tokens),
+            messages=messages,
+            max_tokens_given=max_tokens is not None,
+            stream=self.stream,
+        )
+
+
+class CompletionRequest(_Request):
+    prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=1)]
+    max_tokens: Annotated[int, Field(gt=0)] | None = 16  # OpenAI's default for completions
+
+    def to_internal(self, request_id: str) -> GenerateRequest:
+        prompt = self.prompt[0] if isinstance(self.prompt, list) and isinstance(self.prompt[0], str) else self.prompt
+        if prompt == "":
+            raise invalid("prompt must not be empty", "prompt")
+        return GenerateRequest(
+            request_id=request_id,
+            model=self.model,
+            sampling=self.sampling(self.max_tokens),
+            prompt=prompt,
+            max_tokens_given=self.max_tokens is not None,
+            stream=self.stream,
+        )
+
+
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
+
+
+# responses ------------------------------------------------------------------------------------
+def error_body(err: ConduitError) -> dict:
+    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+
+def usage(out: RequestOutput) -> dict:
+    return {
+        "prompt_tokens": out.num_prompt_tokens,
+        "completion_tokens": out.num_output_tokens,
+        "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
+    }
+
+
+class ResponseBuilder:
+    """Builds one request's response objects (whole, or as stream chunks) in OpenAI's format."""
+
+    def __init__(self, kind: Literal["chat", "completion"], response_id: str, model: str, include_usage: bool):
+        self.kind, self.id, self.model, self.include_usage = kind, response_id, model, include_usage
+        self.created = int(time.time())
+        self.object = "chat.completion" if kind == "chat" else "text_completion"
+
+    def _envelope(self, obj: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
+
+    def complete(self, out: RequestOutput) -> dict:
+        if self.kind == "chat":
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": None,
+                "finish_reason": out.finish_reason,
+            }
+        else:
+            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+        return self._envelope(self.object, [choice], usage=usage(out))
+
+    def chunks(self, out: RequestOutput, first: bool) -> list[str]:
+        """SSE `data:` lines for one (coalesced) engine delta."""
+        lines = []
+        if self.kind == "chat":
+            obj = "chat.completion.chunk"
+            if first:
+                delta = {"role": "assistant", "content": ""}
+                lines.append(self._chunk(obj, {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}))
+            if out.text or out.finished:
+                delta = {"content": out.text} if out.text else {}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}
+                lines.append(self._chunk(obj, choice))
+        elif out.text or out.finished:
+            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+            lines.append(self._chunk("text_completion", choice))
+        if out.finished and self.include_usage:
+            obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+            lines.append(sse(self._envelope(obj, [], usage=usage(out))))
+        return lines
+
+    def _chunk(self, obj: str, choice: dict) -> str:
+        payload = self._envelope(obj, [choice])
+        if self.include_usage:
+            payload["usage"] = None
+        return sse(payload)
+
+
+def sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

@@ -1,0 +1,32 @@
+"""Builds the Ray Serve application from `serve_config.yaml`'s args: what its `import_path` names.
+
+args (validated, see app/config.py) -> Tokenizer + one Model deployment per configured model ->
+Ingress bound to both."""
+
+from __future__ import annotations
+
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from app.config import parse_app_config
+from app.demo_model import build_demo_model
+from deployments.ingress import Ingress
+from deployments.model import Model
+from deployments.router import PrefixAffinityRouter
+from deployments.tokenizer import Tokenizer
+
+
+def build_app(args: dict) -> Application:
+    config = parse_app_config(args)
+    for model in config.models:
+        if model.build_demo_if_missing:
+            build_demo_model(model.resolved_source)
+    tokenizer = Tokenizer.bind(config.models)
+    models = {
+        m.name: Model.options(
+            name=m.deployment_name,
+            request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter),
+        ).bind(m)
+        for m in config.models
+    }
+    return Ingress.bind(config, tokenizer, models)

@@ -1,0 +1,60 @@
+"""Model replica deployment: loads one model and runs the batching engine on it.
+
+`generate` is a streaming method: each item is a coalesced delta (`RequestOutput`), at most one per
+`engine.stream_interval_s`, so a token does not cost a Ray message of its own."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import ray
+from ray import serve
+
+from app.api.errors import ConduitError
+from app.api.protocol import PreparedRequest
+from app.config import ModelConfig
+from app.engine.async_engine import AsyncEngine
+from app.engine.engine import LLMEngine, RequestOutput
+from app.loading import load_model, load_tokenizer, pick_device, resolved_engine_config
+
+log = logging.getLogger("ray.serve")
+STALL_LIMIT_S = 60.0  # a step that takes longer than this means the engine is stuck
+
+
+@serve.deployment(
+    name="Model",
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=64,
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+)
+class Model:
+    def __init__(self, config: ModelConfig):
+        import torch
+
+        engine_config = resolved_engine_config(config)
+        device = pick_device(engine_config)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(engine_config.num_threads or max(1, int(cpus)))
+        tokenizer = load_tokenizer(config)
+        model = load_model(config.model_copy(update={"engine": engine_config}), device)
+        self.config = engine_config
+        self.engine = AsyncEngine(LLMEngine(model, tokenizer, engine_config))
+        log.info("model %s ready: %s", config.name, engine_config.model_dump())
+
+    async def generate(self, request: PreparedRequest) -> AsyncIterator[RequestOutput]:
+        try:
+            async for out in self.engine.generate(
+                request.request_id, request.prompt_ids, request.sampling, self.config.stream_interval_s
+            ):
+                yield out
+        except ValueError as e:  # the engine refused it (e.g. can never fit in the KV cache)
+            raise ConduitError(str(e), 400, param="max_tokens") from None
+
+    async def stats(self) -> dict:
+        return vars(self.engine.engine.stats())
+
+    async def check_health(self) -> None:
+        self.engine.check_health(STALL_LIMIT_S)
