@@ -1,0 +1,28 @@
+# Quick start: `make run` serves serve_config.yaml on 127.0.0.1:8000; `make test` runs the suite.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on CPU machines
+TORCH  ?= torch==2.13.0
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: run test setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -c "import torch, ray, transformers, openai, fastapi"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/conduit run serve_config.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,59 @@
+"""One real local Ray cluster and Conduit app for the end-to-end tests (started once, ~15 s)."""
+
+import time
+
+import httpx
+import pytest
+
+PORT = 8765
+BASE = f"http://127.0.0.1:{PORT}"
+MODEL = "conduit-demo"
+
+
+def app_args(model_path: str) -> dict:
+    return {
+        "models": [
+            {
+                "name": MODEL,
+                "source": model_path,
+                "aliases": ["demo"],
+                "engine": {"max_num_seqs": 16, "max_model_len": 512, "stream_interval_s": 0.005},
+            }
+        ]
+    }
+
+
+@pytest.fixture(scope="session")
+def server(model_path):
+    import ray
+    from ray import serve
+
+    from app.build import build_app
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(app_args(model_path)), name="conduit", route_prefix="/")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{BASE}/v1/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    yield BASE
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def async_client(server):
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
