@@ -73,3 +73,5 @@ def demo_model(path: Path = typer.Argument(Path(".cache/demo-model"))):
 
 def main() -> None:
     cli()
+if __name__ == "__main__":
+    main()

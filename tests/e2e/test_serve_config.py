@@ -1,0 +1,112 @@
+"""serve_config.yaml as operators use it: `serve deploy` on a `ray start --head` cluster, and
+`conduit run` (what `make run` does, i.e. `serve run`). Only the HTTP port is changed, so these
+tests do not collide with a server on 8000."""
+
+import os
+import signal
+import socket
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from app.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_on_port(tmp_path: Path, port: int) -> Path:
+    raw = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    raw["http_options"]["port"] = port
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def wait_and_ask(port: int, proc: subprocess.Popen, limit_s: float = 240) -> dict:
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None or proc.args[1] != "run", "server process exited early"
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    body = {"model": "conduit-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stop_group(proc: subprocess.Popen, sig=signal.SIGINT, wait_s: float = 60) -> int:
+    os.killpg(proc.pid, sig)
+    try:
+        return proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def test_serve_deploy_on_a_ray_cluster(tmp_path):
+    http_port, gcs_port, dash_port = free_port(), free_port(), free_port()
+    config = config_on_port(tmp_path, http_port)
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         "--disable-usage-stats", f"--temp-dir={ray_dir}"],
+        env=ENV, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        address = f"http://127.0.0.1:{dash_port}"
+        deadline = time.monotonic() + 120
+        while True:  # the dashboard's REST API takes a few seconds after the GCS
+            res = subprocess.run([str(BIN / "serve"), "deploy", str(config), "-a", address],
+                                 env=ENV, capture_output=True, text=True)
+            if res.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+        assert res.returncode == 0, res.stderr
+        answer = wait_and_ask(http_port, head)
+        assert answer["usage"]["completion_tokens"] > 0
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status = subprocess.run([str(BIN / "serve"), "status", "-a", address], env=ENV, capture_output=True, text=True)
+            if "status: RUNNING" in status.stdout:
+                break
+            time.sleep(2)
+        for name in ("Ingress", "Tokenizer", "Model-conduit-demo"):
+            assert name in status.stdout
+        assert "UNHEALTHY" not in status.stdout and "status: RUNNING" in status.stdout
+    finally:
+        stop_group(head, signal.SIGTERM)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_conduit_run_serves_and_stops_on_ctrl_c(tmp_path):
+    port = free_port()
+    config = config_on_port(tmp_path, port)
+    proc = subprocess.Popen([str(BIN / "conduit"), "run", str(config)], env=ENV, cwd=PROJECT_ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_and_ask(port, proc)["object"] == "chat.completion"
+    finally:
+        stop_group(proc)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
