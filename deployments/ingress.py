@@ -6,9 +6,11 @@ Path of one request: proxy -> Ingress (this) -> Tokenizer.prepare (one hop) -> M
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.api import openai
 from app.api.errors import ConduitError
-from app.api.protocol import GenerateRequest
+from app.api.protocol import GenerateRequest, PreparedRequest
 from app.config import AppConfig
 from app.engine.engine import RequestOutput
 from deployments.router import ModelTable
@@ -49,6 +51,37 @@ async def _on_conduit_error(request: Request, exc: ConduitError):
     return JSONResponse(openai.error_body(exc), status_code=exc.status)
 
 
+
+async def _interleave(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Merge the choices' streams as their deltas arrive, tagged with the choice index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((index, out))
+        except Exception as e:
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            remaining -= item[1].finished
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+# helpers above: serve.ingress freezes the class when it is defined
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=512)
 @serve.ingress(api)
 class Ingress:
@@ -58,19 +91,30 @@ class Ingress:
         self.models = ModelTable({m.name: m.aliases for m in config.models}, models)
 
     # pipeline -----------------------------------------------------------------------------------
-    async def _generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
+    async def _prepare(self, req: GenerateRequest) -> list[PreparedRequest]:
+        """Tokenize once; one engine sequence per choice (seeded choices get seed, seed+1, ...)."""
         req.model = self.models.resolve(req.model)
         prepared = await self.tokenizer.prepare.remote(req)
-        stream = self.models.handle(req.model).options(stream=True).generate.remote(prepared)
+        if req.n == 1:
+            return [prepared]
+        seed = prepared.sampling.seed
+        return [
+            replace(prepared, request_id=f"{prepared.request_id}-{i}",
+                    sampling=replace(prepared.sampling, seed=None if seed is None else seed + i))
+            for i in range(req.n)
+        ]
+
+    async def _generate(self, prepared: PreparedRequest) -> AsyncIterator[RequestOutput]:
+        stream = self.models.handle(prepared.model).options(stream=True).generate.remote(prepared)
         try:
             async for out in stream:
                 yield out
         finally:
             stream.cancel()  # no-op once finished; frees the engine slot if the client went away
 
-    async def _complete(self, req: GenerateRequest) -> RequestOutput:
+    async def _complete(self, prepared: PreparedRequest) -> RequestOutput:
         result = None
-        async for out in self._generate(req):
+        async for out in self._generate(prepared):
             result = out if result is None else result.merge(out)
         return result
 
@@ -80,20 +124,26 @@ class Ingress:
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         builder = openai.ResponseBuilder(kind, prefix + request_id, body.model, include_usage)
+        prepared = await self._prepare(req)
         if not body.stream:
-            return builder.complete(await self._complete(req))
-        stream = self._generate(req)
+            return builder.complete(await asyncio.gather(*(self._complete(p) for p in prepared)))
+        stream = _interleave([self._generate(p) for p in prepared])
         first = await anext(stream)  # errors before the first token still get a proper status code
-        return StreamingResponse(self._sse(builder, first, stream), media_type="text/event-stream")
+        return StreamingResponse(self._sse(builder, first, stream, len(prepared)), media_type="text/event-stream")
 
-    async def _sse(self, builder: openai.ResponseBuilder, first: RequestOutput, rest: AsyncIterator[RequestOutput]):
+    async def _sse(self, builder: openai.ResponseBuilder, first: tuple[int, RequestOutput],
+                   rest: AsyncIterator[tuple[int, RequestOutput]], n: int):
+        last: dict[int, RequestOutput] = {}  # each choice's latest delta (it carries the running counts)
         try:
-            for line in builder.chunks(first, first=True):
-                yield line
-            if not first.finished:
-                async for out in rest:
-                    for line in builder.chunks(out, first=False):
-                        yield line
+            item = first
+            while item is not None:
+                index, out = item
+                for line in builder.chunks(index, out, first=index not in last):
+                    yield line
+                last[index] = out
+                item = await anext(rest, None)
+            if builder.include_usage:
+                yield builder.usage_chunk([last[i] for i in range(n)])
         except Exception as e:  # after the 200 the status is sent: report in the stream, never cut silently
             err = e if isinstance(e, ConduitError) else ConduitError(f"generation failed: {e}", 500, "server_error")
             log.warning("stream %s failed: %s", builder.id, e)
@@ -122,3 +172,4 @@ class Ingress:
     @api.get("/health")
     async def health(self):
         return {"status": "ok"}
+

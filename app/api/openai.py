@@ -25,7 +25,7 @@ class _Request(BaseModel):
     max_tokens: Annotated[int, Field(gt=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
+    n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
@@ -101,6 +101,7 @@ class ChatCompletionRequest(_Request):
             messages=messages,
             max_tokens_given=max_tokens is not None,
             stream=self.stream,
+            n=self.n,
         )
 
 
@@ -119,6 +120,7 @@ class CompletionRequest(_Request):
             prompt=prompt,
             max_tokens_given=self.max_tokens is not None,
             stream=self.stream,
+            n=self.n,
         )
 
 
@@ -131,12 +133,10 @@ def error_body(err: ConduitError) -> dict:
     return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
 
 
-def usage(out: RequestOutput) -> dict:
-    return {
-        "prompt_tokens": out.num_prompt_tokens,
-        "completion_tokens": out.num_output_tokens,
-        "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
-    }
+def usage(outs: list[RequestOutput]) -> dict:
+    prompt = outs[0].num_prompt_tokens  # one prompt, counted once however many choices
+    completion = sum(out.num_output_tokens for out in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class ResponseBuilder:
@@ -146,44 +146,41 @@ class ResponseBuilder:
         self.kind, self.id, self.model, self.include_usage = kind, response_id, model, include_usage
         self.created = int(time.time())
         self.object = "chat.completion" if kind == "chat" else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def _envelope(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
 
-    def complete(self, out: RequestOutput) -> dict:
-        if self.kind == "chat":
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": out.text},
-                "logprobs": None,
-                "finish_reason": out.finish_reason,
-            }
-        else:
-            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
-        return self._envelope(self.object, [choice], usage=usage(out))
+    def complete(self, outs: list[RequestOutput]) -> dict:
+        choices = []
+        for index, out in enumerate(outs):
+            if self.kind == "chat":
+                message = {"role": "assistant", "content": out.text}
+                choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": out.finish_reason})
+            else:
+                choices.append({"index": index, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason})
+        return self._envelope(self.object, choices, usage=usage(outs))
 
-    def chunks(self, out: RequestOutput, first: bool) -> list[str]:
-        """SSE `data:` lines for one (coalesced) engine delta."""
+    def chunks(self, index: int, out: RequestOutput, first: bool) -> list[str]:
+        """SSE `data:` lines for one (coalesced) engine delta of choice `index`."""
         lines = []
-        if self.kind == "chat":
-            obj = "chat.completion.chunk"
-            if first:
-                delta = {"role": "assistant", "content": ""}
-                lines.append(self._chunk(obj, {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}))
-            if out.text or out.finished:
+        if self.kind == "chat" and first:
+            delta = {"role": "assistant", "content": ""}
+            lines.append(self._chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None}))
+        if out.text or out.finished:
+            if self.kind == "chat":
                 delta = {"content": out.text} if out.text else {}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}
-                lines.append(self._chunk(obj, choice))
-        elif out.text or out.finished:
-            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
-            lines.append(self._chunk("text_completion", choice))
-        if out.finished and self.include_usage:
-            obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-            lines.append(sse(self._envelope(obj, [], usage=usage(out))))
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}
+            else:
+                choice = {"index": index, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+            lines.append(self._chunk(choice))
         return lines
 
-    def _chunk(self, obj: str, choice: dict) -> str:
-        payload = self._envelope(obj, [choice])
+    def usage_chunk(self, outs: list[RequestOutput]) -> str:
+        return sse(self._envelope(self.chunk_object, [], usage=usage(outs)))
+
+    def _chunk(self, choice: dict) -> str:
+        payload = self._envelope(self.chunk_object, [choice])
         if self.include_usage:
             payload["usage"] = None
         return sse(payload)

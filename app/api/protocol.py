@@ -17,6 +17,7 @@ class GenerateRequest:
     messages: list[dict] | None = None  # chat: rendered with the model's chat template
     max_tokens_given: bool = True  # False: fill the rest of the context window
     stream: bool = False
+    n: int = 1  # choices: n engine sequences from one prepared prompt
 
 
 @dataclass

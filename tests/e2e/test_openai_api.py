@@ -155,3 +155,20 @@ def test_disconnected_stream_frees_engine(server):
             break
         time.sleep(0.2)
     assert stats["num_running"] == 0 and stats["kv_blocks_used"] == 0, stats
+
+
+def test_n_choices(client):
+    res = client.completions.create(model=MODEL, prompt="alpha beta", max_tokens=8, n=3, temperature=1.0, seed=5,
+                                    extra_body={"min_tokens": 8})
+    assert [c.index for c in res.choices] == [0, 1, 2]
+    assert len({c.text for c in res.choices}) > 1  # different seeds per choice
+    assert res.usage.completion_tokens == 24
+    again = client.completions.create(model=MODEL, prompt="alpha beta", max_tokens=8, n=3, temperature=1.0, seed=5,
+                                      extra_body={"min_tokens": 8})
+    assert [c.text for c in again.choices] == [c.text for c in res.choices]
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, n=2, stream=True,
+        stream_options={"include_usage": True}, extra_body={"min_tokens": 6}))
+    finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1}
+    assert chunks[-1].usage.completion_tokens == 12
