@@ -8,6 +8,7 @@ import pytest
 PORT = 8765
 BASE = f"http://127.0.0.1:{PORT}"
 MODEL = "conduit-demo"
+SECOND_MODEL = "conduit-small"
 
 
 def app_args(model_path: str) -> dict:
@@ -18,7 +19,12 @@ def app_args(model_path: str) -> dict:
                 "source": model_path,
                 "aliases": ["demo"],
                 "engine": {"max_num_seqs": 16, "max_model_len": 512, "stream_interval_s": 0.005},
-            }
+            },
+            {   # a second model (same weights, smaller window): the router must keep them apart
+                "name": SECOND_MODEL,
+                "source": model_path,
+                "engine": {"max_num_seqs": 4, "max_model_len": 64},
+            },
         ]
     }
 

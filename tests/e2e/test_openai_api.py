@@ -172,3 +172,20 @@ def test_n_choices(client):
     finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
     assert finished == {0, 1}
     assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_each_model_id_reaches_its_own_deployment(client):
+    from tests.e2e.conftest import SECOND_MODEL
+
+    assert SECOND_MODEL in [m.id for m in client.models.list().data]
+    prompt = "alpha " * 40  # fits conduit-demo's 512-token window, not conduit-small's 64
+    assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=30).usage.completion_tokens > 0
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 64"):
+        client.completions.create(model=SECOND_MODEL, prompt=prompt, max_tokens=30)
+    small = client.completions.create(model=SECOND_MODEL, prompt="alpha", max_tokens=4, temperature=0,
+                                      extra_body={"min_tokens": 4})
+    big = client.completions.create(model=MODEL, prompt="alpha", max_tokens=4, temperature=0,
+                                    extra_body={"min_tokens": 4})
+    assert small.model == SECOND_MODEL and small.choices[0].text == big.choices[0].text  # same weights

@@ -1,0 +1,35 @@
+"""Model table and the prefix-affine replica choice (the Ray Serve RequestRouter), without a cluster."""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from app.api.errors import ConduitError
+from app.api.protocol import PreparedRequest
+from deployments.router import ModelTable, PrefixAffinityRouter
+
+
+def test_model_table_resolves_names_and_aliases():
+    table = ModelTable({"a": ["alias-a"], "b": []}, {"a": "handle-a", "b": "handle-b"})
+    assert table.resolve("alias-a") == "a" and table.handle(table.resolve("b")) == "handle-b"
+    with pytest.raises(ConduitError) as e:
+        table.resolve("c")
+    assert e.value.status == 404 and e.value.param == "model"
+
+
+def choose(prompt_ids, replicas):
+    router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)  # choose_replicas needs no router state
+    pending = SimpleNamespace(args=[PreparedRequest("r", "m", prompt_ids)])
+    return asyncio.run(router.choose_replicas(replicas, pending))
+
+
+def test_same_prefix_same_replicas_and_spread_otherwise():
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=f"r{i}")) for i in range(6)]
+    system = list(range(100, 116))
+    first = choose(system + [1, 2, 3], replicas)
+    assert len(first[0]) == 2 and len(first[1]) == 4  # two compete on load, the rest are fallback
+    again = choose(system + [9, 9], list(reversed(replicas)))
+    assert {r.replica_id.unique_id for r in again[0]} == {r.replica_id.unique_id for r in first[0]}
+    preferred = {choose([p, p + 1] * 8, replicas)[0][0].replica_id.unique_id for p in range(200)}
+    assert len(preferred) == 6  # different prefixes use every replica
