@@ -139,3 +139,33 @@ def test_too_long_request_is_refused(hf_model):
     engine = make_engine(hf_model, max_model_len=64)
     with pytest.raises(ValueError, match="context window"):
         engine.add_request("long", list(range(10, 60)), SamplingParams(max_tokens=20))
+
+
+def test_sampling_controls_stay_per_request(hf_model, reference_greedy):
+    """A greedy request's output is unchanged by sampled and penalised neighbours in its batch."""
+    engine = make_engine(hf_model)
+    ps = prompts(hf_model[1], 5, seed=6)
+    engine.add_request("greedy", ps[0], greedy(20))
+    engine.add_request("topk1", ps[0], SamplingParams(max_tokens=20, temperature=1.5, top_k=1, min_tokens=20))
+    engine.add_request("hot", ps[1], SamplingParams(max_tokens=20, temperature=1.5, min_p=0.05))
+    engine.add_request("pen", ps[2], SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.5,
+                                                    presence_penalty=1.0, frequency_penalty=0.5, min_tokens=20))
+    outputs = run_all(engine)
+    assert outputs["greedy"] == reference_greedy(ps[0], 20)
+    assert outputs["topk1"] == outputs["greedy"]  # top_k=1 is greedy whatever the temperature
+    plain = reference_greedy(ps[2], 20)
+    assert outputs["pen"] != plain  # the penalties did act on that row
+    assert len(set(outputs["pen"])) >= len(set(plain))  # and they discourage repeats
+
+
+def test_repetition_penalty_matches_transformers(hf_model):
+    import torch
+
+    model, tokenizer = hf_model
+    p = prompts(tokenizer, 1, seed=7)[0]
+    engine = make_engine(hf_model)
+    engine.add_request("r", p, SamplingParams(max_tokens=15, temperature=0.0, repetition_penalty=1.3, min_tokens=15))
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([p]), max_new_tokens=15, min_new_tokens=15, do_sample=False,
+                             repetition_penalty=1.3)[0, len(p):].tolist()
+    assert run_all(engine)["r"] == ref
