@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from app.api import openai
 from app.api.errors import ConduitError
 from app.api.protocol import GenerateRequest, PreparedRequest
-from app.config import AppConfig
+from app.config import AppConfig, IngressConfig
 from app.engine.engine import RequestOutput
 from deployments.router import ModelTable
 
@@ -49,6 +49,23 @@ async def _on_validation_error(request: Request, exc: RequestValidationError):
 @api.exception_handler(ConduitError)
 async def _on_conduit_error(request: Request, exc: ConduitError):
     return JSONResponse(openai.error_body(exc), status_code=exc.status)
+
+
+class _Limits:
+    max_request_bytes = IngressConfig().max_request_bytes  # replaced from the config by Ingress.__init__
+
+
+@api.middleware("http")
+async def _limit_body_size(request: Request, call_next):
+    # module-level, so it reads this module's _Limits in the replica (the app is pickled by reference)
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > _Limits.max_request_bytes):
+        err = ConduitError(
+            f"Request body of {length} bytes exceeds the limit of {_Limits.max_request_bytes} bytes",
+            413, code="request_too_large",
+        )
+        return JSONResponse(openai.error_body(err), status_code=413)
+    return await call_next(request)
 
 
 
@@ -87,6 +104,7 @@ async def _interleave(streams: list[AsyncIterator[RequestOutput]]) -> AsyncItera
 class Ingress:
     def __init__(self, config: AppConfig, tokenizer: DeploymentHandle, models: dict[str, DeploymentHandle]):
         self.config = config
+        _Limits.max_request_bytes = config.ingress.max_request_bytes
         self.tokenizer = tokenizer
         self.models = ModelTable({m.name: m.aliases for m in config.models}, models)
 
@@ -168,6 +186,24 @@ class Ingress:
             for model_id, name in self.models.ids.items()
         ]
         return {"object": "list", "data": data}
+
+    @api.get("/v1/models/{model:path}")
+    async def get_model(self, model: str):
+        name = self.models.resolve(model)
+        return {"id": model, "object": "model", "created": 0, "owned_by": "conduit", "root": name}
+
+    @api.post("/tokenize")
+    async def tokenize(self, body: openai.TokenizeRequest):
+        req = body.to_internal(uuid.uuid4().hex)
+        req.model = self.models.resolve(req.model)
+        prepared = await self.tokenizer.prepare.remote(req)
+        return {"tokens": prepared.prompt_ids, "count": len(prepared.prompt_ids),
+                "max_model_len": await self.tokenizer.max_model_len.remote(req.model)}
+
+    @api.post("/detokenize")
+    async def detokenize(self, body: openai.DetokenizeRequest):
+        model = self.models.resolve(body.model)
+        return {"prompt": await self.tokenizer.detokenize.remote(model, body.tokens)}
 
     @api.get("/health")
     async def health(self):

@@ -63,3 +63,12 @@ class Tokenizer:
                 code="context_length_exceeded",
             )
         return PreparedRequest(req.request_id, req.model, prompt_ids, sampling)
+
+    async def max_model_len(self, model: str) -> int:
+        return self.max_len[model]
+
+    async def detokenize(self, model: str, token_ids: list[int]) -> str:
+        tokenizer = self.tokenizers[model]
+        if any(t >= len(tokenizer) for t in token_ids):
+            raise invalid(f"token ids must be in [0, {len(tokenizer)})", "tokens")
+        return tokenizer.decode(token_ids)

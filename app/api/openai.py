@@ -124,7 +124,35 @@ class CompletionRequest(_Request):
         )
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+    def to_internal(self, request_id: str) -> GenerateRequest:
+        messages = None if self.messages is None else [{"role": m.role, "content": m.text()} for m in self.messages]
+        # max_tokens_given=False: only the prompt's own length is checked against the window
+        return GenerateRequest(request_id, self.model, SamplingParams(), prompt=self.prompt,
+                               messages=messages, max_tokens_given=False)
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
 ChatCompletionRequest.model_rebuild()
+TokenizeRequest.model_rebuild()
 CompletionRequest.model_rebuild()
 
 

@@ -189,3 +189,26 @@ def test_each_model_id_reaches_its_own_deployment(client):
     big = client.completions.create(model=MODEL, prompt="alpha", max_tokens=4, temperature=0,
                                     extra_body={"min_tokens": 4})
     assert small.model == SECOND_MODEL and small.choices[0].text == big.choices[0].text  # same weights
+
+
+def test_tokenize_detokenize_and_model_lookup(server, hf_model):
+    _, tokenizer = hf_model
+    r = httpx.post(f"{server}/tokenize", json={"model": MODEL, "prompt": "alpha beta"}).json()
+    assert r["tokens"] == tokenizer.encode("alpha beta") and r["count"] == len(r["tokens"]) and r["max_model_len"] == 512
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(f"{server}/tokenize", json={"model": MODEL, "messages": messages}).json()
+    expected = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                                add_special_tokens=False)
+    assert chat["tokens"] == expected
+    back = httpx.post(f"{server}/detokenize", json={"model": MODEL, "tokens": r["tokens"]}).json()
+    assert back["prompt"] == "alpha beta"
+    bad = httpx.post(f"{server}/detokenize", json={"model": MODEL, "tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    found = httpx.get(f"{server}/v1/models/demo")
+    assert found.status_code == 200 and found.json()["root"] == MODEL, found.text
+    assert httpx.get(f"{server}/v1/models/nope").status_code == 404
+
+
+def test_oversized_body_gets_413(server):
+    r = httpx.post(f"{server}/v1/completions", content=b"x" * 1_100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
