@@ -10,7 +10,6 @@ at the raw batched-decode ceiling. It still runs the unmodified HF model (see mo
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -148,8 +147,6 @@ class LLMEngine:
             self.runner.cache.save_prefix(seq.slot, block, entry)
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
         seq.output_ids.append(token)
         p = seq.params
         n = len(seq.output_ids)

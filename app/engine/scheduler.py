@@ -58,7 +58,6 @@ class Scheduler:
         self.remove(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_cached = 0
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

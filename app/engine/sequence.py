@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from enum import Enum, auto
 
 import torch
@@ -37,9 +36,6 @@ class Sequence:
         self.block_ids: list[int] = []  # KV blocks charged to this sequence
         self.num_cached = 0  # tokens whose K/V are in the slot
         self.finish_reason: str | None = None
-        self.arrival_time = time.monotonic()
-        self.first_token_time: float | None = None
-        self.num_preemptions = 0
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
     @property
