@@ -3,9 +3,9 @@
 
 Why our own scheduler rather than transformers' ContinuousBatchingManager (`generate_batch`): on
 this project's 2-core CPU with the demo model, the manager gave ~400 output tok/s with its
-defaults and ~1.2k tuned (figures in shared DESIGN.md, measured here), while this engine decodes
-32 sequences at ~2.9-3.7k tok/s in-process (bench/compare.py's ceiling is the yardstick), i.e.
-at the raw batched-decode ceiling. It still runs the unmodified HF model (see model_runner.py).
+defaults and ~1.2k tuned (figures in shared DESIGN.md, measured here), while this engine decoded
+32 sequences at ~2.9-3.7k tok/s in-process (an ad-hoc run of engine.step() here; DESIGN.md puts
+the raw batched-decode ceiling at ~2.8-3.8k). A side-by-side benchmark script is still to come. It still runs the unmodified HF model (see model_runner.py).
 """
 
 from __future__ import annotations
