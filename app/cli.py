@@ -20,7 +20,7 @@ def _load_apps(config_path: Path) -> list[dict]:
     from ray.serve.schema import ServeDeploySchema
 
     raw = yaml.safe_load(config_path.read_text())
-    ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
+    ServeDeploySchema.model_validate(raw)
     apps = raw.get("applications", [])
     for app in apps:
         if app.get("import_path", "").startswith("app.build:"):
