@@ -1,0 +1,361 @@
+"""Load generator for any OpenAI-compatible server: streaming completions from N concurrent
+clients (or Poisson arrivals at a fixed rate), measuring TTFT, TPOT, ITL, end-to-end latency and
+throughput. A library (`run_benchmark`) and a CLI (`main`):
+
+    .venv/bin/python -m app.bench --url http://127.0.0.1:8000 --concurrency 32 --max-tokens 64
+
+Definitions (as vLLM's benchmark_serving uses them, so numbers compare):
+  TTFT  time from sending the request to the first chunk carrying text
+  TPOT  (e2e - TTFT) / (completion_tokens - 1): decode time per token after the first
+  ITL   gaps between successive text chunks as they arrive. A server that coalesces several
+        tokens into one chunk (Conduit does, every stream_interval_s) shows fewer, longer gaps;
+        `tokens_per_chunk` in the summary says how many tokens a chunk carried on average.
+  e2e   time from sending the request to the end of its stream
+Token counts come from the server's own `usage` (stream_options.include_usage), never from
+counting chunks, because a chunk may hold any number of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+# Plain English words, rotated per request (see synthetic_prompt).
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven bright stars watch from far above "
+    "quiet rivers carry old stories past green hills and small towns where people gather at "
+    "evening to share bread music and news about harvests storms markets journeys and friends"
+).split()
+
+
+def synthetic_prompt(num_words: int, index: int = 0) -> str:
+    """About `num_words` words of text. Each request starts at a different word, so prompts differ
+    from their first token: a server with a prefix cache cannot reuse one request's prefill for
+    the next, which would flatter it on a benchmark of identical prompts."""
+    start = index % len(WORDS)
+    return " ".join(WORDS[(start + i) % len(WORDS)] for i in range(max(1, num_words)))
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str = ""
+    ttft: float = 0.0  # seconds
+    e2e: float = 0.0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    chunk_times: list[float] = field(default_factory=list)  # seconds since the request was sent
+
+    @property
+    def tpot(self) -> float | None:
+        if self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
+
+
+def _chunk_text(obj: dict, chat: bool) -> str:
+    text = ""
+    for choice in obj.get("choices") or []:
+        if chat:
+            text += (choice.get("delta") or {}).get("content") or ""
+        else:
+            text += choice.get("text") or ""
+    return text
+
+
+async def _one_request(client: httpx.AsyncClient, endpoint: str, payload: dict, chat: bool) -> RequestResult:
+    result = RequestResult()
+    start = time.perf_counter()
+    try:
+        async with client.stream("POST", endpoint, json=payload) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode(errors="replace")
+                result.error = f"HTTP {resp.status_code}: {body[:200]}"
+                return result
+            # SSE by hand: every event we care about is one `data: ...` line. Some servers
+            # (transformers serve) end the stream without `data: [DONE]`, so the end of the
+            # body also ends the request.
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    result.error = f"stream error: {str(obj['error'])[:200]}"
+                    return result
+                if _chunk_text(obj, chat):
+                    now = time.perf_counter() - start
+                    if not result.chunk_times:
+                        result.ttft = now
+                    result.chunk_times.append(now)
+                usage = obj.get("usage")
+                if usage:
+                    result.output_tokens = usage.get("completion_tokens") or 0
+                    result.prompt_tokens = usage.get("prompt_tokens") or 0
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        result.error = f"{type(e).__name__}: {e}"
+        return result
+    result.e2e = time.perf_counter() - start
+    if not result.chunk_times:
+        result.error = "no text in the stream"
+    elif not result.output_tokens:
+        result.error = "no usage chunk (does the server honour stream_options.include_usage?)"
+    else:
+        result.ok = True
+    return result
+
+
+def build_payload(model: str, prompt: str, max_tokens: int, chat: bool, ignore_eos: bool, extra: dict | None) -> dict:
+    payload: dict = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if chat:
+        payload["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        payload["prompt"] = prompt
+    if ignore_eos:
+        # vLLM's extension fields: every request produces exactly max_tokens tokens, so runs
+        # with different servers (or random models that hit EOS early) do the same work.
+        payload["ignore_eos"] = True
+        payload["min_tokens"] = max_tokens
+    payload.update(extra or {})
+    return payload
+
+
+def _stats_ms(values: list[float]) -> dict:
+    import numpy as np
+
+    if not values:
+        return {"mean": None, "p50": None, "p99": None}
+    a = np.asarray(values) * 1e3
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
+
+
+async def first_model_id(url: str) -> str:
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as client:
+        resp = await client.get("/v1/models")
+        resp.raise_for_status()
+        return resp.json()["data"][0]["id"]
+
+
+async def run_benchmark(
+    url: str,
+    model: str | None = None,
+    concurrency: int = 32,
+    rate: float | None = None,
+    num_requests: int = 128,
+    prompt_tokens: int = 64,
+    max_tokens: int = 64,
+    chat: bool = False,
+    ignore_eos: bool = True,
+    progress: bool = True,
+    warmup: int = 1,
+    extra_body: dict | None = None,
+    seed: int = 0,
+) -> dict:
+    """Send `num_requests` streaming requests and return the summary dict (see `summarize`).
+
+    concurrency: that many clients, each sending its next request when the last one ends.
+    rate: if given, requests arrive as a Poisson process at `rate` per second instead, however
+          many are in flight (`concurrency` is then ignored).
+    warmup: requests sent one at a time first and not measured (model load, first-call costs).
+    extra_body: fields merged into every request (e.g. a server's own extensions).
+    """
+    url = url.rstrip("/")
+    model = model or await first_model_id(url)
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+
+    def payload(i: int) -> dict:
+        return build_payload(model, synthetic_prompt(prompt_tokens, i), max_tokens, chat, ignore_eos, extra_body)
+
+    # No read timeout: a long queue is a result to measure, not an error. trust_env=False keeps
+    # any HTTP(S)_PROXY in the environment away from a loopback benchmark.
+    limits = httpx.Limits(max_connections=None if rate else concurrency, max_keepalive_connections=None)
+    timeout = httpx.Timeout(None, connect=30)
+    results: list[RequestResult] = []
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, trust_env=False) as client:
+        for i in range(warmup):
+            warm = await _one_request(client, endpoint, payload(10_000 + i), chat)
+            if not warm.ok:
+                raise RuntimeError(f"warm-up request to {url}{endpoint} failed: {warm.error}")
+
+        bar, task = _progress(progress, num_requests)
+        started = time.perf_counter()
+
+        async def one(i: int) -> None:
+            results.append(await _one_request(client, endpoint, payload(i), chat))
+            if bar is not None:
+                bar.advance(task)
+
+        try:
+            if rate:
+                rng = random.Random(seed)
+                tasks = []
+                for i in range(num_requests):
+                    tasks.append(asyncio.create_task(one(i)))
+                    await asyncio.sleep(rng.expovariate(rate))  # Poisson process: exponential gaps
+                await asyncio.gather(*tasks)
+            else:
+                counter = iter(range(num_requests))
+
+                async def client_loop() -> None:
+                    for i in counter:  # shared iterator: clients take the next index, back to back
+                        await one(i)
+
+                await asyncio.gather(*(client_loop() for _ in range(min(concurrency, num_requests))))
+        finally:
+            if bar is not None:
+                bar.stop()
+        duration = time.perf_counter() - started
+
+    config = {
+        "url": url, "model": model, "endpoint": endpoint, "concurrency": None if rate else concurrency,
+        "rate": rate, "num_requests": num_requests, "prompt_words": prompt_tokens, "max_tokens": max_tokens,
+        "ignore_eos": ignore_eos,
+    }
+    return summarize(results, duration, config)
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("benchmark"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    task = bar.add_task("requests", total=total)
+    bar.start()
+    return bar, task
+
+
+def summarize(results: list[RequestResult], duration: float, config: dict) -> dict:
+    ok = [r for r in results if r.ok]
+    output_tokens = sum(r.output_tokens for r in ok)
+    chunks = sum(len(r.chunk_times) for r in ok)
+    errors = sorted({r.error for r in results if not r.ok})
+    return {
+        **config,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": errors[:5],
+        "duration_s": duration,
+        "request_throughput": len(ok) / duration if duration else 0.0,
+        "output_throughput": output_tokens / duration if duration else 0.0,
+        "total_output_tokens": output_tokens,
+        "mean_prompt_tokens": sum(r.prompt_tokens for r in ok) / len(ok) if ok else None,
+        "tokens_per_chunk": output_tokens / chunks if chunks else None,
+        "ttft_ms": _stats_ms([r.ttft for r in ok]),
+        "tpot_ms": _stats_ms([r.tpot for r in ok if r.tpot is not None]),
+        "itl_ms": _stats_ms([gap for r in ok for gap in r.itls]),
+        "e2e_ms": _stats_ms([r.e2e for r in ok]),
+        # per request, for plots and later analysis (ITL gaps are summarized above only)
+        "requests": [
+            {"ttft_ms": r.ttft * 1e3, "e2e_ms": r.e2e * 1e3, "tpot_ms": (r.tpot or 0) * 1e3,
+             "output_tokens": r.output_tokens, "chunks": len(r.chunk_times)}
+            for r in ok
+        ],
+    }
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    mode = f"rate {summary['rate']}/s" if summary["rate"] else f"concurrency {summary['concurrency']}"
+    table = Table(title=f"{summary['url']}{summary['endpoint']}  model={summary['model']}  {mode}")
+    table.add_column("metric")
+    for col in ("mean", "p50", "p99"):
+        table.add_column(col, justify="right")
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        s = summary[f"{name}_ms"]
+        table.add_row(f"{name.upper()} (ms)", *("-" if s[k] is None else f"{s[k]:.1f}" for k in ("mean", "p50", "p99")))
+    console = Console()
+    console.print(table)
+    tpc = summary["tokens_per_chunk"]
+    console.print(
+        f"requests: {summary['completed']} ok, {summary['failed']} failed in {summary['duration_s']:.2f} s | "
+        f"{summary['request_throughput']:.2f} req/s | {summary['output_throughput']:.1f} output tok/s | "
+        f"{summary['total_output_tokens']} output tokens, {tpc if tpc is None else round(tpc, 2)} per chunk"
+    )
+    for err in summary["errors"]:
+        console.print(f"[red]error:[/red] {err}")
+
+
+def plot_summary(summary: dict, path: str | Path) -> None:
+    """TTFT and e2e latency CDFs, and the two throughputs, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, key, title in ((axes[0], "ttft_ms", "TTFT"), (axes[1], "e2e_ms", "end-to-end latency")):
+        values = np.sort([r[key] for r in summary["requests"]])
+        if len(values):
+            ax.plot(values, np.arange(1, len(values) + 1) / len(values), drawstyle="steps-post")
+        ax.set(title=f"{title} CDF", xlabel="ms", ylabel="fraction of requests")
+        ax.grid(alpha=0.3)
+    bars = axes[2].bar(["output tokens/s"], [summary["output_throughput"]], width=0.4)
+    axes[2].bar_label(bars, fmt="%.0f")
+    axes[2].set_title(f"throughput ({summary['request_throughput']:.2f} requests/s)")
+    mode = f"rate {summary['rate']}/s" if summary["rate"] else f"concurrency {summary['concurrency']}"
+    fig.suptitle(f"{summary['model']} @ {summary['url']}: {mode}, {summary['max_tokens']} output tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.bench", description="Benchmark an OpenAI-compatible server with streaming requests."
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (without /v1)")
+    parser.add_argument("--model", default=None, help="model id (default: the first one /v1/models lists)")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients, back to back")
+    parser.add_argument("--rate", type=float, default=None, help="Poisson arrival rate (req/s) instead of clients")
+    parser.add_argument("--num-requests", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="approximate prompt length in words")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
+    parser.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos / min_tokens")
+    parser.add_argument("--out-json", type=Path, default=None)
+    parser.add_argument("--out-png", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    try:
+        summary = asyncio.run(run_benchmark(
+            args.url, args.model, concurrency=args.concurrency, rate=args.rate, num_requests=args.num_requests,
+            prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, chat=args.chat,
+            ignore_eos=not args.no_ignore_eos,
+        ))
+    except (httpx.HTTPError, RuntimeError) as e:  # server down or refusing: one line, not a traceback
+        print(f"benchmark of {args.url} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    if args.out_json:
+        args.out_json.write_text(json.dumps(summary, indent=2))
+    if args.out_png:
+        plot_summary(summary, args.out_png)
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""Conduit side by side with what it should be judged against, on the tiny demo model, in one run:
+
+  (a) ceiling    batched greedy decode in-process (transformers + DynamicCache), no serving at all
+  (b) Conduit    through its HTTP ingress (`conduit run serve_config.yaml`), N streaming clients
+  (c) transformers serve --continuous-batching, same model directory, same clients
+  (d) unbatched  `transformers serve` without continuous batching, one request at a time
+
+then the ratios the project targets. Writes <out-dir>/benchmark.md, .png and .json.
+
+    .venv/bin/python bench/compare.py [--concurrency 32] [--max-tokens 64] [--prompt-tokens 64] [--out-dir docs]
+
+Servers listen on 127.0.0.1 only. Conduit needs port 8000 (serve_config.yaml); if it is busy this
+waits for it rather than benchmark whatever is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from app.bench import run_benchmark, synthetic_prompt
+from app.config import PROJECT_ROOT
+from app.demo_model import build_demo_model
+
+MODEL_DIR = PROJECT_ROOT / ".cache" / "demo-model"
+VENV_BIN = Path(sys.executable).parent
+CONDUIT_URL, CONDUIT_MODEL = "http://127.0.0.1:8000", "conduit-demo"
+TARGETS = {"ceiling": 0.8, "cb": 2.0, "unbatched": 5.0, "ttft_overhead_ms": 15.0}
+
+
+def phase(msg: str) -> None:
+    print(f"\n=== {msg}", flush=True)
+
+
+# (a) in-process ceiling -----------------------------------------------------------------------
+def raw_ceiling(batch: int, prompt_words: int, max_tokens: int) -> dict:
+    """The fastest this model decodes here with no serving at all: one batch, equal-length prompts
+    (so no padding or masks), prefill once, then `max_tokens - 1` argmax steps on a KV cache."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    torch.set_num_threads(2)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa").eval()
+    prompts = [tokenizer(synthetic_prompt(prompt_words, i))["input_ids"] for i in range(batch)]
+    length = min(len(p) for p in prompts)  # cut to one length: no padding needed
+    ids = torch.tensor([p[:length] for p in prompts])
+
+    @torch.inference_mode()
+    def generate(input_ids, steps: int) -> tuple[float, list[float]]:
+        """Returns (prefill + first token seconds, decode step seconds)."""
+        cache = DynamicCache(config=model.config)
+        start = time.perf_counter()
+        out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token.tolist()  # a real server must read the token out before it can send it
+        first = time.perf_counter() - start
+        step_times = []
+        for _ in range(steps - 1):
+            t = time.perf_counter()
+            out = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            token.tolist()
+            step_times.append(time.perf_counter() - t)
+        return first, step_times
+
+    generate(ids, 4)  # warm-up: first calls allocate and pick kernels
+    runs = []
+    for _ in range(3):
+        first, steps = generate(ids, max_tokens)
+        runs.append((first + sum(steps), first, steps))
+    total, first, steps = min(runs)  # a ceiling: the best of three
+    ttft_b1 = statistics.median(generate(ids[:1], 1)[0] for _ in range(20))
+    return {
+        "output_throughput": batch * max_tokens / total,
+        "prompt_tokens": length,
+        "prefill_s_batch": first,
+        "ttft_ms_p50": ttft_b1 * 1e3,  # batch 1: the least a server could answer in
+        "tpot_ms_p50": statistics.median(steps) * 1e3,  # one decode step = one token for each sequence
+    }
+
+
+def sequential_generate(prompt_words: int, max_tokens: int, num_requests: int) -> dict:
+    """Fallback unbatched baseline: `model.generate` one request at a time, in-process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    start, tokens = time.perf_counter(), 0
+    for i in range(num_requests):
+        ids = tokenizer(synthetic_prompt(prompt_words, i), return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+        tokens += out.shape[1] - ids["input_ids"].shape[1]
+    return {"output_throughput": tokens / (time.perf_counter() - start), "ttft_ms_p50": None, "tpot_ms_p50": None}
+
+
+# servers --------------------------------------------------------------------------------------
+def port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server in its own session (process group), so it and everything it spawns (Ray's
+    processes included) can be stopped together, and found by session id if anything lingers."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict | None = None):
+        self.name = name
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env={**os.environ, **(env or {})},
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log_tail(self, n: int = 15) -> str:
+        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
+
+    def wait_ready(self, url: str, model: str, timeout: float = 240) -> None:
+        """/v1/models answering 200, then one small completion succeeding (the model is loaded)."""
+        deadline = time.monotonic() + timeout
+        body = {"model": model, "prompt": "hello", "max_tokens": 2, "temperature": 0}
+        with httpx.Client(base_url=url, trust_env=False, timeout=30) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.log_tail()}")
+                try:
+                    if client.get("/v1/models").status_code == 200 and \
+                            client.post("/v1/completions", json=body).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        # SIGINT is Ctrl-C: `serve run` shuts Serve and its own Ray instance down cleanly on it.
+        # Then escalate, and finally kill by pid anything still in the session we created.
+        for sig, grace in ((signal.SIGINT, 60), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(grace)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                pass
+        for pid in session_members(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids whose session id is `sid` (Linux /proc; field 6 of /proc/PID/stat)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def bench(url: str, model: str, **kw) -> dict:
+    summary = asyncio.run(run_benchmark(url, model, **kw))
+    print(f"  {summary['completed']} ok, {summary['failed']} failed: {summary['output_throughput']:.0f} tok/s, "
+          f"TTFT p50 {summary['ttft_ms']['p50']:.1f} ms, TPOT p50 {summary['tpot_ms']['p50']:.1f} ms", flush=True)
+    if summary["failed"]:
+        raise RuntimeError(f"{summary['failed']} requests failed: {summary['errors']}")
+    return summary
+
+
+def row(summary: dict, max_tokens: int) -> dict:
+    """The table's figures from a run_benchmark summary; flags runs that stopped short (EOS)."""
+    short = summary["total_output_tokens"] != summary["completed"] * max_tokens
+    return {"output_throughput": summary["output_throughput"], "ttft_ms_p50": summary["ttft_ms"]["p50"],
+            "tpot_ms_p50": summary["tpot_ms"]["p50"], "all_full_length": not short,
+            "summary": {k: v for k, v in summary.items() if k != "requests"}}
+
+
+def run_conduit(args) -> dict:
+    waited = 0
+    while port_busy(8000):  # someone else's server: wait rather than measure it
+        if waited % 30 == 0:
+            print("  port 8000 is busy; waiting for it to be free ...", flush=True)
+        time.sleep(5)
+        waited += 5
+        if waited > 600:
+            raise RuntimeError("port 8000 stayed busy for 10 minutes")
+    # RAY_ADDRESS=local: always a fresh Ray instance of our own, never one already running here
+    server = Server("conduit", [str(VENV_BIN / "conduit"), "run", "serve_config.yaml"],
+                    env={"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"})
+    try:
+        started = time.monotonic()
+        server.wait_ready(CONDUIT_URL, CONDUIT_MODEL)
+        print(f"  ready in {time.monotonic() - started:.0f} s; {args.concurrency} clients ...", flush=True)
+        loaded = bench(CONDUIT_URL, CONDUIT_MODEL, concurrency=args.concurrency, num_requests=args.num_requests,
+                       prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+        print("  1 client (TTFT) ...", flush=True)
+        single = bench(CONDUIT_URL, CONDUIT_MODEL, concurrency=1, num_requests=10,
+                       prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+    finally:
+        print("  stopping Conduit ...", flush=True)
+        server.stop()
+    return {"loaded": row(loaded, args.max_tokens), "single": row(single, args.max_tokens)}
+
+
+def run_transformers_serve(args, continuous_batching: bool) -> dict:
+    port = free_port()
+    url, model = f"http://127.0.0.1:{port}", str(MODEL_DIR)  # the forced model's id is its path
+    flag = "--continuous-batching" if continuous_batching else "--no-continuous-batching"
+    server = Server("transformers-serve", [str(VENV_BIN / "transformers"), "serve", flag, "--host", "127.0.0.1",
+                                           "--port", str(port), "--device", "cpu", model])
+    try:
+        server.wait_ready(url, model, timeout=120)
+        # transformers serve refuses unknown fields (ignore_eos, min_tokens): plain greedy requests;
+        # row() checks every request still produced max_tokens tokens.
+        if continuous_batching:
+            kw = {"concurrency": args.concurrency, "num_requests": args.num_requests}
+        else:  # sequential generation: one client, a few requests, is the whole story
+            kw = {"concurrency": 1, "num_requests": args.baseline_requests}
+        summary = bench(url, model, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
+                        ignore_eos=False, **kw)
+    finally:
+        server.stop()
+    return row(summary, args.max_tokens)
+
+
+# report ---------------------------------------------------------------------------------------
+def machine() -> dict:
+    import ray
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {
+        "nproc": subprocess.run(["nproc"], check=False, capture_output=True, text=True).stdout.strip(),
+        "cpu": cpu,
+        "free_g": subprocess.run(["free", "-g"], check=False, capture_output=True, text=True).stdout.rstrip(),
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__, "ray": ray.__version__, "transformers": transformers.__version__,
+    }
+
+
+def fmt(value, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def ratio_rows(results: dict) -> list[tuple[str, float | None, str, bool | None]]:
+    conduit = results["conduit"]["loaded"]["output_throughput"] if "conduit" in results else None
+
+    def ratio(key: str) -> float | None:
+        other = results.get(key)
+        return conduit / other["output_throughput"] if conduit and other else None
+
+    overhead = None
+    if "conduit" in results:
+        overhead = results["conduit"]["single"]["ttft_ms_p50"] - results["ceiling"]["ttft_ms_p50"]
+    rows = [
+        ("Conduit / in-process ceiling (tok/s)", ratio("ceiling"), f">= {TARGETS['ceiling']}", TARGETS["ceiling"]),
+        ("Conduit / transformers serve CB (tok/s)", ratio("cb"), f">= {TARGETS['cb']}", TARGETS["cb"]),
+        ("Conduit / unbatched (tok/s)", ratio("unbatched"), f">= {TARGETS['unbatched']}", TARGETS["unbatched"]),
+    ]
+    out = [(name, v, target, None if v is None else v >= t) for name, v, target, t in rows]
+    limit = TARGETS["ttft_overhead_ms"]
+    out.append(("single-client TTFT p50 - raw prefill+first token (ms)", overhead, f"<= {limit:.0f}",
+                None if overhead is None else overhead <= limit))
+    return out
+
+
+def markdown(results: dict, unavailable: dict, args, info: dict, command: str) -> str:
+    c, m = args.concurrency, args.max_tokens
+    labels = {
+        "ceiling": f"(a) in-process ceiling: batch {c}, greedy + DynamicCache, no serving",
+        "conduit": f"(b) Conduit, HTTP ingress, {c} streaming clients",
+        "conduit1": "(b) Conduit, 1 client",
+        "cb": f"(c) transformers serve --continuous-batching, {c} clients",
+        "unbatched": "(d) unbatched: one request at a time",
+    }
+    lines = ["| system | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) |", "|---|---:|---:|---:|"]
+    entries = [("ceiling", results.get("ceiling")), ("conduit", results.get("conduit", {}).get("loaded")),
+               ("conduit1", results.get("conduit", {}).get("single")), ("cb", results.get("cb")),
+               ("unbatched", results.get("unbatched"))]
+    for key, r in entries:
+        if r is None:
+            reason = unavailable.get("conduit" if key == "conduit1" else key, "not run")
+            lines.append(f"| {labels[key]} | unavailable: {reason} | | |")
+            continue
+        note = "" if r.get("all_full_length", True) else " (some requests ended early at EOS)"
+        lines.append(f"| {labels[key]}{note} | {fmt(r['output_throughput'])} | {fmt(r['ttft_ms_p50'], 1)} | "
+                     f"{fmt(r['tpot_ms_p50'], 1)} |")
+    table = "\n".join(lines)
+    ratios = ["| ratio | value | target | met |", "|---|---:|---:|:---:|"]
+    for name, value, target, met in ratio_rows(results):
+        ratios.append(f"| {name} | {fmt(value, 1 if name.endswith('(ms)') else 2)} | {target} | "
+                      f"{'n/a' if met is None else ('yes' if met else 'no')} |")
+    unbatched_how = results.get("unbatched", {}).get("how", "not run")
+    return f"""# Benchmark: Conduit side by side
+
+{c} concurrent streaming clients (`/v1/completions`, `stream: true`), {m} output tokens per request,
+prompts of ~{args.prompt_tokens} words ({results.get('ceiling', {}).get('prompt_tokens', '?')} tokens), greedy,
+{args.num_requests} requests per loaded run, on the tiny random demo model (`.cache/demo-model`: Llama,
+4 layers, hidden 256, vocab 3000).
+
+{table}
+
+TTFT for (a) is prefill + first token at batch 1 (the least a server could answer in); TPOT for (a) is
+one decode step of the batch of {c}. Conduit sends `ignore_eos`/`min_tokens` so every request makes
+exactly {m} tokens; transformers serve refuses those fields, so its requests are plain greedy ones and
+the table flags any run where a request ended before {m} tokens. The unbatched baseline (d) is
+{unbatched_how}.
+
+{chr(10).join(ratios)}
+
+## Machine
+
+- CPUs (`nproc`): {info['nproc']} ({info['cpu']}); load average at start: {info['loadavg']}
+- Python {info['python']}, torch {info['torch']}, ray {info['ray']}, transformers {info['transformers']}
+- the in-process ceiling uses `torch.set_num_threads(2)`; servers use their own defaults (Conduit's
+  model replica sizes its threads from `num_cpus` in `serve_config.yaml`)
+
+```
+$ free -g
+{info['free_g']}
+```
+
+## Command
+
+```
+{command}
+```
+
+![tok/s](benchmark.png)
+"""
+
+
+def plot(results: dict, path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["(a) in-process\nceiling", "(b) Conduit", "(c) transformers\nserve CB", "(d) unbatched"]
+    keys = ["ceiling", "conduit", "cb", "unbatched"]
+    values = [(results["conduit"]["loaded"] if k == "conduit" else results[k])["output_throughput"]
+              if k in results else 0.0 for k in keys]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bars = ax.bar(names, values, color=["0.6", "C0", "C1", "C2"])
+    ax.bar_label(bars, labels=[f"{v:,.0f}" if v else "n/a" for v in values])
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"demo model, {args.concurrency} streaming clients x {args.max_tokens} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Conduit vs. ceiling, transformers serve, unbatched.")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="approximate prompt length in words")
+    parser.add_argument("--num-requests", type=int, default=None, help="per loaded run (default 4 x concurrency)")
+    parser.add_argument("--baseline-requests", type=int, default=16, help="requests for the unbatched baseline")
+    parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "docs")
+    args = parser.parse_args(argv)
+    args.num_requests = args.num_requests or 4 * args.concurrency
+    command = " ".join([".venv/bin/python bench/compare.py", *(sys.argv[1:] if argv is None else argv)])
+
+    info = machine()
+    build_demo_model(MODEL_DIR)
+    results: dict = {}
+    unavailable: dict = {}
+    started = time.monotonic()
+
+    phase("(a) in-process ceiling: batched greedy decode, no serving")
+    results["ceiling"] = raw_ceiling(args.concurrency, args.prompt_tokens, args.max_tokens)
+    print(f"  {results['ceiling']['output_throughput']:.0f} tok/s; batch-1 prefill+first token "
+          f"{results['ceiling']['ttft_ms_p50']:.1f} ms", flush=True)
+
+    phase("(b) Conduit through its HTTP ingress")
+    try:
+        results["conduit"] = run_conduit(args)
+    except Exception as e:  # report, and still measure the others
+        unavailable["conduit"] = str(e).splitlines()[0]
+        print(f"  FAILED: {e}", flush=True)
+
+    phase("(c) transformers serve --continuous-batching")
+    try:
+        results["cb"] = run_transformers_serve(args, continuous_batching=True)
+    except Exception as e:
+        unavailable["cb"] = str(e).splitlines()[0]
+        print(f"  unavailable: {e}", flush=True)
+
+    phase("(d) unbatched baseline: transformers serve without continuous batching, one request at a time")
+    try:
+        results["unbatched"] = run_transformers_serve(args, continuous_batching=False)
+        results["unbatched"]["how"] = (f"`transformers serve` without `--continuous-batching` (it runs "
+                                       f"`model.generate` for one request at a time on one thread, so more clients would only "
+                                       f"queue), 1 client, {args.baseline_requests} requests")
+    except Exception as e:
+        print(f"  transformers serve failed ({e}); falling back to in-process model.generate", flush=True)
+        results["unbatched"] = sequential_generate(args.prompt_tokens, args.max_tokens, args.baseline_requests)
+        results["unbatched"]["how"] = ("`model.generate` in-process, one request at a time "
+                                       f"(transformers serve failed: {e})")
+
+    print(f"\ntotal {time.monotonic() - started:.0f} s\n")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report = markdown(results, unavailable, args, info, command)
+    (args.out_dir / "benchmark.md").write_text(report)
+    (args.out_dir / "benchmark.json").write_text(json.dumps({"results": results, "unavailable": unavailable,
+                                                              "machine": info, "command": command}, indent=2))
+    plot(results, args.out_dir / "benchmark.png", args)
+    print(report.split("## Machine")[0])
+    print(f"wrote {args.out_dir / 'benchmark.md'}, benchmark.png, benchmark.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
