@@ -1,5 +1,5 @@
 """OpenAI wire format: request schemas, their translation into the internal `GenerateRequest`,
-and the response / stream-chunk objects built from engine outputs."""
+the response / stream-chunk objects built from engine outputs, and the routes (`routes()`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.api.errors import ConduitError, invalid
+from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
 from app.engine.engine import RequestOutput
 from app.engine.sampling_params import SamplingParams
@@ -219,3 +222,69 @@ def sse(payload: Any) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+# routes ---------------------------------------------------------------------------------------
+def routes(pipeline: Pipeline):
+    from app.api.server import Adapter, request_id
+
+    router = APIRouter()
+
+    async def respond(request: Request, kind: str, body: ChatCompletionRequest | CompletionRequest):
+        rid = request_id(request)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        builder = ResponseBuilder(kind, ("chatcmpl-" if kind == "chat" else "cmpl-") + rid, body.model, include_usage)
+        req = body.to_internal(rid)
+        if not body.stream:
+            return builder.complete(await pipeline.complete(req))
+        stream = await pipeline.stream(req)  # errors before the first token still get a status code
+        return StreamingResponse(_sse(builder, stream, req.n), media_type="text/event-stream")
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        return await respond(request, "chat", body)
+
+    @router.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest):
+        return await respond(request, "completion", body)
+
+    @router.get("/v1/models")
+    async def list_models():
+        data = [model_card(model_id, name) for model_id, name in pipeline.models.ids.items()]
+        return {"object": "list", "data": data}
+
+    @router.get("/v1/models/{model:path}")
+    async def get_model(model: str):
+        return model_card(model, pipeline.models.resolve(model))
+
+    @router.post("/tokenize")
+    async def tokenize(request: Request, body: TokenizeRequest):
+        tokens, max_model_len = await pipeline.tokenize(body.to_internal(request_id(request)))
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": max_model_len}
+
+    @router.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return {"prompt": await pipeline.detokenize(body.model, body.tokens)}
+
+    return Adapter(router, lambda err: JSONResponse(error_body(err), status_code=err.status))
+
+
+def model_card(model_id: str, name: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "conduit", "root": name}
+
+
+async def _sse(builder: ResponseBuilder, stream, n: int):
+    last: dict[int, RequestOutput] = {}  # each choice's latest delta (it carries the running counts)
+    try:
+        async for index, out in stream:
+            for line in builder.chunks(index, out, first=index not in last):
+                yield line
+            last[index] = out
+        if builder.include_usage:
+            yield builder.usage_chunk([last[i] for i in range(n)])
+    except Exception as e:  # after the 200 the status is sent: report in the stream, never cut silently
+        err = e if isinstance(e, ConduitError) else ConduitError(f"generation failed: {e}", 500, "server_error")
+        yield sse(error_body(err))
+    finally:
+        await stream.aclose()
+    yield SSE_DONE

@@ -1,11 +1,19 @@
 """One real local Ray cluster and Conduit app for the end-to-end tests (started once, ~15 s)."""
 
+import socket
 import time
 
 import httpx
 import pytest
 
-PORT = 8765
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = free_port()  # several test runs may share this machine
 BASE = f"http://127.0.0.1:{PORT}"
 MODEL = "conduit-demo"
 SECOND_MODEL = "conduit-small"

@@ -1,0 +1,110 @@
+"""The pipeline every wire format shares: resolve the model, tokenize once (one Ray hop to the
+tokenizer deployment), then stream the engine's deltas from the model replica that the router
+picks inside this process. Adapters (openai.py, anthropic.py, ...) translate to and from it; none
+of them calls a deployment directly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from app.api.protocol import GenerateRequest, PreparedRequest
+from app.engine.engine import RequestOutput
+
+
+class Pipeline:
+    def __init__(self, tokenizer, models):
+        """`tokenizer`: the Tokenizer deployment's handle; `models`: a `ModelTable`."""
+        self.tokenizer = tokenizer
+        self.models = models
+
+    async def prepare(self, req: GenerateRequest) -> list[PreparedRequest]:
+        """Tokenize once; one engine sequence per choice (seeded choices get seed, seed+1, ...)."""
+        req.model = self.models.resolve(req.model)
+        prepared = await self.tokenizer.prepare.remote(req)
+        if req.n == 1:
+            return [prepared]
+        seed = prepared.sampling.seed
+        return [
+            replace(prepared, request_id=f"{prepared.request_id}-{i}",
+                    sampling=replace(prepared.sampling, seed=None if seed is None else seed + i))
+            for i in range(req.n)
+        ]
+
+    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[RequestOutput]:
+        stream = self.models.handle(prepared.model).options(stream=True).generate.remote(prepared)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.cancel()  # no-op once finished; frees the engine slot if the client went away
+
+    async def complete(self, req: GenerateRequest) -> list[RequestOutput]:
+        """Every choice's whole output, in choice order."""
+        prepared = await self.prepare(req)
+        return list(await asyncio.gather(*(self._collect(p) for p in prepared)))
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every choice's deltas as they arrive, tagged with the choice index. The first item is
+        awaited before this returns, so errors before the first token still get a status code."""
+        prepared = await self.prepare(req)
+        merged = interleave([self.generate(p) for p in prepared])
+        first = await anext(merged)
+        return _prepend(first, merged)
+
+    async def tokenize(self, req: GenerateRequest) -> tuple[list[int], int]:
+        """(prompt token ids, the model's context window)."""
+        req.model = self.models.resolve(req.model)
+        prepared = await self.tokenizer.prepare.remote(req)
+        return prepared.prompt_ids, prepared.sampling.max_tokens + len(prepared.prompt_ids)
+
+    async def detokenize(self, model: str, token_ids: list[int]) -> str:
+        return await self.tokenizer.detokenize.remote(self.models.resolve(model), token_ids)
+
+    async def _collect(self, prepared: PreparedRequest) -> RequestOutput:
+        result = None
+        async for out in self.generate(prepared):
+            result = out if result is None else result.merge(out)
+        return result
+
+
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
+
+
+async def interleave(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Merge the choices' streams as their deltas arrive, tagged with the choice index."""
+    if len(streams) == 1:
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((index, out))
+        except Exception as e:
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            remaining -= item[1].finished
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,90 @@
+"""The ingress's HTTP app: one FastAPI app with every wire format's routes mounted on it.
+
+Each adapter (openai.py, anthropic.py, ...) returns an `Adapter`: its routes, built around the shared
+`Pipeline`, and how its errors look on the wire. Errors from any layer are `ConduitError`s; the
+handlers here render them in the shape of the API whose path was called."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+from app.api.errors import ConduitError
+from app.api.pipeline import Pipeline
+from app.config import AppConfig
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+@dataclass
+class Adapter:
+    router: APIRouter
+    error_response: Callable[[ConduitError], Response]
+    prefixes: tuple[str, ...] = ()  # paths whose errors take this adapter's shape
+
+
+def request_id(request: Request) -> str:
+    """The client's x-request-id, or one made for this request (see the middleware below)."""
+    return request.state.request_id
+
+
+def validation_error(exc: RequestValidationError) -> ConduitError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if err.get("type") == "json_invalid":
+        return ConduitError(f"We could not parse the JSON body of your request: {err.get('msg')}", param=None)
+    if err.get("type") == "extra_forbidden":
+        return ConduitError(f"Unrecognized request argument supplied: {param}", param=param, code="unsupported_parameter")
+    return ConduitError(f"Invalid value for '{param}': {err.get('msg')}", param=param)
+
+
+def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
+    from app.api import openai  # adapters import server.Adapter
+
+    adapters = [openai.routes(pipeline)]
+    default = adapters[0]  # OpenAI's error shape wherever no other adapter claims the path
+
+    def error_response(request: Request, err: ConduitError) -> Response:
+        path = request.url.path
+        adapter = next((a for a in adapters if any(path.startswith(p) for p in a.prefixes)), default)
+        response = adapter.error_response(err)
+        response.headers[REQUEST_ID_HEADER] = getattr(request.state, "request_id", "")
+        return response
+
+    api = FastAPI(title="Conduit", description="LLM inference on Ray Serve: OpenAI-compatible and more")
+    for adapter in adapters:
+        api.include_router(adapter.router)
+
+    @api.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        return error_response(request, validation_error(exc))
+
+    @api.exception_handler(ConduitError)
+    async def on_conduit_error(request: Request, exc: ConduitError):
+        return error_response(request, exc)
+
+    max_bytes = config.ingress.max_request_bytes
+
+    @api.middleware("http")
+    async def request_context(request: Request, call_next):
+        request.state.request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
+            err = ConduitError(f"Request body of {length} bytes exceeds the limit of {max_bytes} bytes",
+                               413, code="request_too_large")
+            return error_response(request, err)
+        response = await call_next(request)
+        response.headers[REQUEST_ID_HEADER] = request.state.request_id
+        return response
+
+    @api.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    return api
