@@ -17,6 +17,7 @@ class IncrementalDetokenizer:
         self.text = ""  # all stable output text so far (stop string excluded)
         self.emitted = 0  # chars of self.text already handed out
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -36,7 +37,7 @@ class IncrementalDetokenizer:
             at = self.text.find(s, max(0, self.emitted - len(s)))
             if at != -1:
                 self.text = self.text[:at]
-                self.stopped = True
+                self.stopped, self.matched = True, s
                 return
 
     def _held_back(self) -> int:

@@ -17,6 +17,7 @@ import torch
 from app.config import EngineConfig
 from app.engine.block_manager import BlockManager
 from app.engine.detokenizer import IncrementalDetokenizer
+from app.engine.logprobs import TokenLogprobs
 from app.engine.model_runner import ModelRunner
 from app.engine.sampler import sample
 from app.engine.sampling_params import SamplingParams
@@ -33,13 +34,19 @@ class RequestOutput:
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it; None for EOS
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # only for requests that asked (SamplingParams.logprobs / prompt_logprobs), else None
+    logprobs: list[TokenLogprobs] | None = None  # one per entry of token_ids
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # first output only; the first token's is None
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         self.token_ids += later.token_ids
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
         self.text += later.text
-        self.finished, self.finish_reason = later.finished, later.finish_reason
+        self.finished, self.finish_reason, self.stop_reason = later.finished, later.finish_reason, later.stop_reason
         self.num_output_tokens = later.num_output_tokens
         return self
 
@@ -165,6 +172,7 @@ class LLMEngine:
             text=seq.detokenizer.take_delta(final=seq.is_finished),
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
+            stop_reason=seq.detokenizer.matched or (token if token in p.stop_token_ids else None),
             num_prompt_tokens=len(seq.prompt_ids),
             num_output_tokens=n,
         )
