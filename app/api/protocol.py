@@ -4,6 +4,7 @@ of it. Plain dataclasses: they cross Ray hops (pickled) on every request."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from app.engine.sampling_params import SamplingParams
 
@@ -14,10 +15,33 @@ class GenerateRequest:
     model: str
     sampling: SamplingParams
     prompt: str | list[int] | None = None  # text, or token ids used as they are
-    messages: list[dict] | None = None  # chat: rendered with the model's chat template
+    # chat, rendered with the model's chat template, in transformers' message format:
+    # {"role", "content": str}; a call in the history is {"role": "assistant", "content": str | None,
+    # "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": dict}}]}, and its
+    # result {"role": "tool", "tool_call_id", "name", "content": str}
+    messages: list[dict] | None = None
     max_tokens_given: bool = True  # False: fill the rest of the context window
     stream: bool = False
     n: int = 1  # choices: n engine sequences from one prepared prompt
+    # fill-in-the-middle: the text after the completion; the tokenizer deployment renders
+    # prompt + suffix with the model's own FIM tokens (a 400 naming `suffix` when it has none)
+    suffix: str | None = None
+    # tools the model may call (chat): rendered into the chat template by the tokenizer deployment.
+    # tool_choice "auto": the model decides and adapters parse its text with app/api/tools.py;
+    # "none": no call; "required": output constrained to a call of one of `tools`; `tool_name`
+    # set: constrained to a call of that one (the constraint is SamplingParams.guided).
+    tools: list[ToolSpec] = field(default_factory=list)
+    tool_choice: Literal["auto", "none", "required"] = "auto"
+    tool_name: str | None = None
+
+
+@dataclass
+class ToolSpec:
+    """A function the model may call, wire-neutral (OpenAI `function`, Anthropic `tool`)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict = field(default_factory=lambda: {"type": "object", "properties": {}})  # JSON Schema
 
 
 @dataclass
