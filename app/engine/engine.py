@@ -18,7 +18,6 @@ from app.config import EngineConfig
 from app.engine.block_manager import BlockManager
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.logprobs import TokenLogprobs
-from app.engine.logprobs import TokenLogprobs
 from app.engine.model_runner import ModelRunner
 from app.engine.sampler import sample
 from app.engine.sampling_params import SamplingParams
