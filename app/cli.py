@@ -62,6 +62,20 @@ def run(config: Path = typer.Argument(Path("serve_config.yaml"), exists=True, di
     os.execve(str(serve_bin), [str(serve_bin), "run", str(config)], env)
 
 
+@cli.command()
+def kuberay(
+    config: Path = typer.Argument(Path("serve_config.yaml"), exists=True, dir_okay=False),
+    output: Path = typer.Option(Path("cluster/kuberay-rayservice.yaml"), "-o", "--output"),
+    image: str = typer.Option("conduit:0.1.0", help="an image with Conduit installed (cluster/Dockerfile)"),
+):
+    """Write the KubeRay RayService manifest that embeds CONFIG as its serveConfigV2."""
+    from app.kuberay import rayservice_manifest
+
+    _load_apps(config)
+    output.write_text(rayservice_manifest(yaml.safe_load(config.read_text()), image))
+    typer.echo(f"wrote {output}")
+
+
 @cli.command("demo-model")
 def demo_model(path: Path = typer.Argument(Path(".cache/demo-model"))):
     """Build the tiny random demo model (Llama architecture, local BPE tokenizer)."""
