@@ -230,23 +230,13 @@ def routes(pipeline: Pipeline):
 
     router = APIRouter()
 
-    async def respond(request: Request, kind: str, body: ChatCompletionRequest | CompletionRequest):
-        rid = request_id(request)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        builder = ResponseBuilder(kind, ("chatcmpl-" if kind == "chat" else "cmpl-") + rid, body.model, include_usage)
-        req = body.to_internal(rid)
-        if not body.stream:
-            return builder.complete(await pipeline.complete(req))
-        stream = await pipeline.stream(req)  # errors before the first token still get a status code
-        return StreamingResponse(_sse(builder, stream, req.n), media_type="text/event-stream")
-
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest):
-        return await respond(request, "chat", body)
+        return await respond(pipeline, request_id(request), "chat", body)
 
     @router.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        return await respond(request, "completion", body)
+        return await respond(pipeline, request_id(request), "completion", body)
 
     @router.get("/v1/models")
     async def list_models():
@@ -267,6 +257,17 @@ def routes(pipeline: Pipeline):
         return {"prompt": await pipeline.detokenize(body.model, body.tokens)}
 
     return Adapter(router, lambda err: JSONResponse(error_body(err), status_code=err.status))
+
+
+async def respond(pipeline: Pipeline, rid: str, kind: str, body: ChatCompletionRequest | CompletionRequest):
+    """One chat or text completion, whole or streamed (also serves Azure's deployment routes)."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    builder = ResponseBuilder(kind, ("chatcmpl-" if kind == "chat" else "cmpl-") + rid, body.model, include_usage)
+    req = body.to_internal(rid)
+    if not body.stream:
+        return builder.complete(await pipeline.complete(req))
+    stream = await pipeline.stream(req)  # errors before the first token still get a status code
+    return StreamingResponse(_sse(builder, stream, req.n), media_type="text/event-stream")
 
 
 def model_card(model_id: str, name: str) -> dict:
