@@ -10,6 +10,7 @@ the raw batched-decode ceiling at ~2.8-3.8k). A side-by-side benchmark script is
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ from app.engine.model_runner import ModelRunner
 from app.engine.sampler import sample
 from app.engine.sampling_params import SamplingParams
 from app.engine.scheduler import Scheduler
-from app.engine.sequence import Sequence, SequenceStatus
+from app.engine.sequence import RequestTimings, Sequence, SequenceStatus
 
 
 @dataclass
@@ -40,6 +41,8 @@ class RequestOutput:
     # only for requests that asked (SamplingParams.logprobs / prompt_logprobs), else None
     logprobs: list[TokenLogprobs] | None = None  # one per entry of token_ids
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # first output only; the first token's is None
+    itl: list[float] = field(default_factory=list)  # seconds between successive tokens of this delta
+    timings: RequestTimings | None = None  # on the finished output only (metrics)
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         self.token_ids += later.token_ids
@@ -48,6 +51,8 @@ class RequestOutput:
         self.text += later.text
         self.finished, self.finish_reason, self.stop_reason = later.finished, later.finish_reason, later.stop_reason
         self.num_output_tokens = later.num_output_tokens
+        self.itl += later.itl
+        self.timings = later.timings
         return self
 
 
@@ -63,14 +68,18 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, config: EngineConfig):
+    def __init__(self, model, tokenizer, config: EngineConfig, runner=None):
+        """`runner`: anything with ModelRunner's interface (e.g. a TensorParallelRunner); default: a
+        ModelRunner over `model`, which is otherwise read only for its config (eos ids)."""
         self.config = config
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size, config.num_prefix_blocks)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens)
-        self.runner = ModelRunner(model, config.max_num_seqs, config.max_model_len, config.block_size, config.num_prefix_blocks)
+        self.runner = runner or ModelRunner(
+            model, config.max_num_seqs, config.max_model_len, config.block_size, config.num_prefix_blocks
+        )
         self.sequences: dict[str, Sequence] = {}
 
     # requests ---------------------------------------------------------------------------------
@@ -118,6 +127,9 @@ class LLMEngine:
         self._apply_slot_moves()
         if not seqs:
             return []
+        now = time.monotonic()
+        for seq in seqs:
+            seq.timings.scheduled(now)
         if is_prefill:
             for seq in seqs:
                 self._load_cached_prefix(seq)
@@ -155,6 +167,7 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         seq.output_ids.append(token)
+        itl = seq.timings.token(time.monotonic())
         p = seq.params
         n = len(seq.output_ids)
         is_eos = token in seq.eos_ids and not p.ignore_eos
@@ -175,6 +188,8 @@ class LLMEngine:
             stop_reason=seq.detokenizer.matched or (token if token in p.stop_token_ids else None),
             num_prompt_tokens=len(seq.prompt_ids),
             num_output_tokens=n,
+            itl=itl,
+            timings=seq.timings if seq.is_finished else None,
         )
 
 

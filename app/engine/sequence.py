@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from enum import Enum, auto
 
 import torch
@@ -14,6 +16,29 @@ class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
     FINISHED = auto()
+
+
+@dataclass
+class RequestTimings:
+    """When things happened to one request in the engine (time.monotonic() seconds): the
+    timestamps vLLM's latency metrics are built from (queue, prefill, decode, inter-token)."""
+
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+
+    def scheduled(self, now: float) -> None:
+        if self.first_scheduled is None:
+            self.first_scheduled = now
+
+    def token(self, now: float) -> list[float]:
+        """Record one new token; returns the gap since the previous token (none for the first)."""
+        gap = [] if self.last_token is None else [now - self.last_token]
+        if self.first_token is None:
+            self.first_token = now
+        self.last_token = now
+        return gap
 
 
 class Sequence:
@@ -36,6 +61,7 @@ class Sequence:
         self.block_ids: list[int] = []  # KV blocks charged to this sequence
         self.num_cached = 0  # tokens whose K/V are in the slot
         self.finish_reason: str | None = None
+        self.timings = RequestTimings()
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
     @property
