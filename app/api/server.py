@@ -45,9 +45,9 @@ def validation_error(exc: RequestValidationError) -> ConduitError:
 
 
 def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
-    from app.api import openai  # adapters import server.Adapter
+    from app.api import anthropic, openai  # adapters import server.Adapter
 
-    adapters = [openai.routes(pipeline)]
+    adapters = [openai.routes(pipeline), anthropic.routes(pipeline)]
     default = adapters[0]  # OpenAI's error shape wherever no other adapter claims the path
 
     def error_response(request: Request, err: ConduitError) -> Response:

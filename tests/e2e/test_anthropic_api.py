@@ -1,0 +1,202 @@
+"""The Anthropic Messages endpoint through the official `anthropic` SDK. One engine, many mouths:
+greedy output must equal the OpenAI chat route's for the same messages."""
+
+import asyncio
+import json
+
+import anthropic
+import httpx
+import pytest
+
+from tests.e2e.conftest import MODEL
+
+pytestmark = pytest.mark.e2e
+GREEDY = {"temperature": 0}  # this SDK version has no temperature argument: it goes in the body
+SYSTEM = "Be brief."
+TURNS = [
+    {"role": "user", "content": "Hello there"},
+    {"role": "assistant", "content": [{"type": "text", "text": "Hi. "}, {"type": "text", "text": "What now?"}]},
+    {"role": "user", "content": [{"type": "text", "text": "Tell me a story"}]},
+]
+# the same conversation in OpenAI's format
+OPENAI_MESSAGES = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "Hello there"},
+    {"role": "assistant", "content": "Hi. What now?"},
+    {"role": "user", "content": "Tell me a story"},
+]
+
+
+@pytest.fixture
+def claude(server):
+    return anthropic.Anthropic(base_url=server, api_key="x", max_retries=0)
+
+
+@pytest.fixture
+def async_claude(server):
+    return anthropic.AsyncAnthropic(base_url=server, api_key="x", max_retries=0)
+
+
+def openai_greedy(client, max_tokens: int):
+    return client.chat.completions.create(model=MODEL, messages=OPENAI_MESSAGES, max_tokens=max_tokens, temperature=0)
+
+
+def test_message_equals_openai_chat_greedy(claude, client):
+    msg = claude.messages.create(model=MODEL, system=SYSTEM, messages=TURNS, max_tokens=12, extra_body=GREEDY,
+                                 metadata={"user_id": "u-1"}, extra_headers={"x-request-id": "req-abc"})
+    ref = openai_greedy(client, 12)
+    assert (msg.id, msg.type, msg.role, msg.model) == ("msg_req-abc", "message", "assistant", MODEL)
+    assert len(msg.content) == 1 and msg.content[0].type == "text"
+    assert msg.content[0].text == ref.choices[0].message.content and msg.content[0].text
+    assert msg.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[ref.choices[0].finish_reason]
+    assert msg.stop_sequence is None
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (ref.usage.prompt_tokens, ref.usage.completion_tokens)
+    assert msg.container is None and msg.stop_details is None
+
+
+def test_system_as_text_blocks_and_raw_headers(server, claude):
+    blocks = [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief.", "cache_control": {"type": "ephemeral"}}]
+    as_blocks = claude.messages.create(model=MODEL, system=blocks, messages=TURNS, max_tokens=8, extra_body=GREEDY)
+    as_string = claude.messages.create(model=MODEL, system=SYSTEM, messages=TURNS, max_tokens=8, extra_body=GREEDY)
+    assert as_blocks.content == as_string.content and as_blocks.usage == as_string.usage
+    # what other Anthropic clients send: x-api-key and anthropic-version headers
+    headers = {"x-api-key": "any", "anthropic-version": "2023-06-01"}
+    body = {"model": MODEL, "system": SYSTEM, "messages": TURNS, "max_tokens": 8, "temperature": 0}
+    raw = httpx.post(f"{server}/v1/messages", json=body, headers=headers, timeout=30)
+    assert raw.status_code == 200 and raw.json()["content"] == [{"type": "text", "text": as_string.content[0].text}]
+
+
+def test_top_k_and_top_p_reach_the_sampler(claude):
+    greedy = claude.messages.create(model=MODEL, messages=TURNS, max_tokens=10, extra_body=GREEDY).content[0].text
+    for only_top_token in ({"top_k": 1}, {"top_p": 1e-6}):
+        sampled = claude.messages.create(model=MODEL, messages=TURNS, max_tokens=10,
+                                         extra_body={"temperature": 1.0, **only_top_token})
+        assert sampled.content[0].text == greedy, only_top_token
+
+
+def test_async_concurrent_messages(async_claude, claude):
+    lengths = [4, 9, 14, 19]
+    expected = [claude.messages.create(model=MODEL, messages=TURNS, max_tokens=n, extra_body=GREEDY) for n in lengths]
+
+    async def all_at_once():
+        return await asyncio.gather(*(
+            async_claude.messages.create(model=MODEL, messages=TURNS, max_tokens=n, extra_body=GREEDY) for n in lengths
+        ))
+
+    for got, want in zip(asyncio.run(all_at_once()), expected):
+        assert got.content == want.content and got.usage == want.usage and got.stop_reason == want.stop_reason
+
+
+def test_stream_helper_accumulates_the_same_message(claude):
+    whole = claude.messages.create(model=MODEL, system=SYSTEM, messages=TURNS, max_tokens=20, extra_body=GREEDY)
+    with claude.messages.stream(model=MODEL, system=SYSTEM, messages=TURNS, max_tokens=20, extra_body=GREEDY) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == whole.content[0].text
+    assert [(b.type, b.text) for b in final.content] == [("text", whole.content[0].text)]
+    assert final.usage == whole.usage
+    assert (final.stop_reason, final.stop_sequence, final.model, final.role) == (whole.stop_reason, None, MODEL, "assistant")
+    assert final.id.startswith("msg_")
+
+
+def test_create_stream_event_sequence(claude):
+    events = list(claude.messages.create(model=MODEL, messages=TURNS, max_tokens=16, extra_body=GREEDY, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["message_start", "content_block_start"]
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(kinds[2:-3]) == {"content_block_delta"}
+    start = events[0].message
+    assert (start.type, start.role, start.model, start.content, start.stop_reason) == ("message", "assistant", MODEL, [], None)
+    assert start.usage.input_tokens > 0
+    assert events[1].index == 0 and events[1].content_block.type == "text" and events[1].content_block.text == ""
+    assert all(e.index == 0 and e.delta.type == "text_delta" and e.delta.text for e in events[2:-3])
+    delta = events[-2]
+    assert (delta.delta.stop_reason, delta.delta.stop_sequence, delta.usage.output_tokens) == ("max_tokens", None, 16)
+    assert delta.usage.input_tokens == start.usage.input_tokens
+
+
+def test_raw_stream_wire_format(server):
+    body = {"model": MODEL, "messages": TURNS, "max_tokens": 6, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/messages", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        frames = [f for f in r.read().decode().split("\n\n") if f]
+    names = []
+    for frame in frames:
+        event_line, data_line = frame.split("\n")
+        name = event_line.removeprefix("event: ")
+        assert json.loads(data_line.removeprefix("data: "))["type"] == name
+        names.append(name)
+    assert names[:3] == ["message_start", "content_block_start", "ping"]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(names[3:-3]) <= {"content_block_delta"}
+
+
+def test_stop_sequences(claude):
+    base = claude.messages.create(model=MODEL, messages=TURNS, max_tokens=30, extra_body=GREEDY).content[0].text
+    stop = base[10:14]
+    msg = claude.messages.create(model=MODEL, messages=TURNS, max_tokens=30, extra_body=GREEDY,
+                                 stop_sequences=["never-in-output", stop])
+    assert msg.content[0].text == base[: base.index(stop)]
+    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", stop)
+    with claude.messages.stream(model=MODEL, messages=TURNS, max_tokens=30, extra_body=GREEDY, stop_sequences=[stop]) as s:
+        assert "".join(s.text_stream) == msg.content[0].text
+        final = s.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
+
+
+def test_count_tokens_equals_openai_prompt_tokens(claude, client):
+    counted = claude.messages.count_tokens(model=MODEL, system=SYSTEM, messages=TURNS)
+    assert counted.input_tokens == openai_greedy(client, 1).usage.prompt_tokens
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.count_tokens(model="no-such-model", messages=TURNS)
+
+
+def test_sdk_raises_its_own_errors(claude):
+    with pytest.raises(anthropic.NotFoundError, match="no-such-model") as e:
+        claude.messages.create(model="no-such-model", messages=TURNS, max_tokens=4)
+    assert e.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(model="no-such-model", messages=TURNS, max_tokens=4, stream=True)
+    with pytest.raises(anthropic.BadRequestError, match="maximum context length"):
+        claude.messages.create(model=MODEL, messages=[{"role": "user", "content": "alpha " * 600}], max_tokens=4)
+    with pytest.raises(anthropic.BadRequestError, match="does not support `thinking`"):
+        claude.messages.create(model=MODEL, messages=TURNS, max_tokens=4, thinking={"type": "enabled", "budget_tokens": 1024})
+    with pytest.raises(anthropic.BadRequestError, match="temperature"):
+        claude.messages.create(model=MODEL, messages=TURNS, max_tokens=4, extra_body={"temperature": 1.5})
+
+
+def message_body(**fields) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, **fields}
+
+
+@pytest.mark.parametrize(
+    "body,status,names",
+    [
+        ('{"model": ', 400, "JSON"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
+        (message_body(max_tokens=0), 400, "max_tokens"),
+        (message_body(messages=[]), 400, "messages"),
+        (message_body(messages=[{"role": "tool", "content": "x"}]), 400, "messages.0.role"),
+        (message_body(messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}]), 400, "messages.0.content"),
+        (message_body(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]), 400, "prefill"),
+        (message_body(top_k=-1), 400, "top_k"),
+        (message_body(stop_sequences=[""]), 400, "stop_sequences.0"),
+        (message_body(bogus_field=1), 400, "bogus_field"),
+        (message_body(tools=[{"name": "f", "input_schema": {"type": "object"}}]), 400, "tools"),
+        (message_body(max_tokens=100000), 400, "max_tokens"),
+        (message_body(model="no-such-model"), 404, "no-such-model"),
+    ],
+)
+def test_bad_input_gets_anthropic_error(server, body, status, names):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{server}/v1/messages", content=content, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert set(err) == {"type", "error"} and err["type"] == "error" and set(err["error"]) == {"type", "message"}
+    assert err["error"]["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    assert names in err["error"]["message"]
+
+
+def test_oversized_body_gets_anthropic_413(server):
+    r = httpx.post(f"{server}/v1/messages", content=b"x" * 1_100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
