@@ -1,0 +1,175 @@
+"""Tensor parallelism behind the `ModelRunner` interface, so the engine does not know about it.
+
+A `TensorParallelRunner` starts one `TensorParallelWorker` actor per rank, each in its own bundle
+of the replica's placement group (see app/resources.py). Every worker joins one `torch.distributed`
+group (gloo on CPU, NCCL on CUDA), loads the model with transformers' tensor-parallel plan
+(`DistributedConfig(tp_size=N)`, the `tp_plan="auto"` of older releases: attention heads and MLP
+columns split across ranks, an all-reduce after `o_proj`/`down_proj`, the logits gathered), and
+wraps its shard in an ordinary `ModelRunner`. Each rank's `SlotKVCache` therefore holds only its
+own heads: the cache sizes its buffers from the key states the shard produces.
+
+Every call (`prefill`, `decode`, `cache.move_slot/save_prefix/load_prefix`) is sent to all ranks in
+the same order (one caller, so Ray runs an actor's calls in submission order), the collectives
+inside the forward line up, and rank 0's logits are returned. Ray is imported here only: the rest
+of app/engine/ stays Ray-free.
+
+Checked on CPU with gloo (tests/e2e/test_tensor_parallel.py): greedy output at size 2 equals size 1
+token for token for the demo Llama. transformers needs `torch.distributed` initialised before
+`from_pretrained`; we initialise it ourselves (its own path reads torchrun's env variables)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from app.config import ModelConfig
+from app.engine.model_runner import ModelRunner
+
+
+@dataclass
+class SequenceView:
+    """What a runner reads from a `Sequence`, without its tokenizer and sampling state (sent to
+    every rank on every step)."""
+
+    request_id: str
+    slot: int
+    num_cached: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+    @classmethod
+    def of(cls, seq) -> SequenceView:
+        return cls(seq.request_id, seq.slot, seq.num_cached, seq.prompt_ids, seq.output_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+class TensorParallelWorker:
+    """One rank: its process group membership, its shard of the model, its shard of the KV cache."""
+
+    def __init__(self, rank: int, world_size: int, config: ModelConfig, device: str):
+        self.rank, self.world_size = rank, world_size
+        self.config, self.device = config, device
+        self.runner: ModelRunner | None = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0's host and a free port there, for every rank's `init_process_group`."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return socket.gethostbyname(socket.gethostname()), s.getsockname()[1]
+
+    def load(self, master: tuple[str, int]) -> None:
+        import torch.distributed as dist
+        from transformers import AutoModelForCausalLM
+        from transformers.distributed import DistributedConfig
+
+        engine = self.config.engine
+        torch.set_num_threads(engine.num_threads or 1)
+        # each actor sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES), hence local rank 0
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), LOCAL_RANK="0")
+        dist.init_process_group(
+            "nccl" if self.device == "cuda" else "gloo",
+            rank=self.rank,
+            world_size=self.world_size,
+            init_method=f"tcp://{master[0]}:{master[1]}",
+        )
+        dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if self.device == "cuda" else "float32")
+        model = AutoModelForCausalLM.from_pretrained(
+            self.config.resolved_source,
+            dtype=getattr(torch, dtype),
+            trust_remote_code=self.config.trust_remote_code,
+            attn_implementation="sdpa",
+            distributed_config=DistributedConfig(tp_size=self.world_size),
+        )
+        self.runner = ModelRunner(
+            model, engine.max_num_seqs, engine.max_model_len, engine.block_size, engine.num_prefix_blocks
+        )
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[SequenceView]) -> torch.Tensor | None:
+        logits = self.runner.prefill(seqs)
+        return logits.cpu() if self.rank == 0 else None
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[SequenceView]) -> torch.Tensor | None:
+        logits = self.runner.decode(seqs)
+        return logits.cpu() if self.rank == 0 else None
+
+    @torch.inference_mode()  # the cache's buffers are inference tensors
+    def cache_call(self, method: str, *args) -> None:
+        getattr(self.runner.cache, method)(*args)
+
+
+class _CacheForwarder:
+    """`runner.cache` as the engine sees it: each call applied to every rank's shard."""
+
+    def __init__(self, runner: TensorParallelRunner):
+        self._runner = runner
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        self._runner.call_all("cache_call", "move_slot", src, dst, length)
+
+    def save_prefix(self, slot: int, block: int, entry: int) -> None:
+        self._runner.call_all("cache_call", "save_prefix", slot, block, entry)
+
+    def load_prefix(self, slot: int, entries: list[int]) -> None:
+        if entries:
+            self._runner.call_all("cache_call", "load_prefix", slot, entries)
+
+
+class TensorParallelRunner:
+    """Same interface as `ModelRunner`; the work happens in `tensor_parallel_size` worker actors.
+    `config.engine` must be resolved (max_model_len and num_kv_blocks filled in)."""
+
+    def __init__(self, config: ModelConfig, device: str):
+        import ray
+        from ray.util import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        size = config.engine.tensor_parallel_size
+        group = get_current_placement_group()  # the replica's: one bundle per rank (app/resources.py)
+        actor = ray.remote(TensorParallelWorker)
+
+        def placement(rank: int) -> dict:
+            if group is None:  # driven outside Serve (tests): let Ray place the workers
+                return {}
+            return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)}
+
+        self.workers = [
+            # the bundle reserves the rank's CPU/GPU; the worker claims the GPU so Ray makes it
+            # visible to that process, and no CPU so rank 0 can share bundle 0 with the replica
+            actor.options(num_cpus=0, num_gpus=1 if device == "cuda" else 0, **placement(rank)).remote(
+                rank, size, config, device
+            )
+            for rank in range(size)
+        ]
+        master = ray.get(self.workers[0].rendezvous_address.remote())
+        ray.get([w.load.remote(master) for w in self.workers])
+        self.cache = _CacheForwarder(self)
+
+    def call_all(self, method: str, *args):
+        """Run `method` on every rank (in order with earlier calls); returns rank 0's result."""
+        import ray
+
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])[0]
+
+    def prefill(self, seqs) -> torch.Tensor:
+        return self.call_all("prefill", [SequenceView.of(s) for s in seqs])
+
+    def decode(self, seqs) -> torch.Tensor:
+        return self.call_all("decode", [SequenceView.of(s) for s in seqs])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
