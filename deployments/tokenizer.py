@@ -3,12 +3,16 @@ CPU-only and stateless, so it scales on its own (see its autoscaling_config in s
 
 from __future__ import annotations
 
+import logging
+
 from ray import serve
 
 from app.api.errors import ConduitError, invalid
 from app.api.protocol import GenerateRequest, PreparedRequest
 from app.config import ModelConfig
 from app.loading import load_tokenizer, resolved_engine_config
+
+log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(
@@ -27,7 +31,9 @@ class Tokenizer:
         if req.messages is not None:
             if tokenizer.chat_template is None:
                 raise invalid(f"model {req.model} has no chat template; use /v1/completions", "messages")
-            text = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+            cont = req.continue_final_message
+            text = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=not cont,
+                                                 continue_final_message=cont)
             # the template already holds any special tokens it wants
             return tokenizer.encode(text, add_special_tokens=False)
         if isinstance(req.prompt, list):
@@ -62,6 +68,7 @@ class Tokenizer:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        log.info("request %s: %d prompt tokens for %s", req.request_id, len(prompt_ids), req.model)
         return PreparedRequest(req.request_id, req.model, prompt_ids, sampling)
 
     async def max_model_len(self, model: str) -> int:

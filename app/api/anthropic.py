@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.errors import ConduitError, invalid
+from app.api.errors import ConduitError
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
 from app.engine.engine import RequestOutput
@@ -74,12 +74,14 @@ class _MessagesInput(_Strict):
         return data
 
     def chat_messages(self) -> list[dict]:
-        if self.messages[-1].role == "assistant":
-            # prefill would need the template to continue the turn rather than start a new one
-            raise invalid(f"messages.{len(self.messages) - 1}: a final assistant message (prefill) is "
-                          "not supported; end with a user message", "messages")
         system = [] if self.system is None else [{"role": "system", "content": text_of(self.system)}]
         return system + [{"role": m.role, "content": text_of(m.content)} for m in self.messages]
+
+    def internal(self, request_id: str, sampling: SamplingParams, **fields) -> GenerateRequest:
+        # a final assistant message is a prefill: the reply continues it rather than starting a turn
+        prefill = self.messages[-1].role == "assistant"
+        return GenerateRequest(request_id, self.model, sampling, messages=self.chat_messages(),
+                               continue_final_message=prefill, **fields)
 
 
 class MessagesRequest(_MessagesInput):
@@ -94,14 +96,13 @@ class MessagesRequest(_MessagesInput):
     def to_internal(self, request_id: str) -> GenerateRequest:
         sampling = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                                   top_k=self.top_k, stop=list(self.stop_sequences))
-        return GenerateRequest(request_id, self.model, sampling, messages=self.chat_messages(), stream=self.stream)
+        return self.internal(request_id, sampling, stream=self.stream)
 
 
 class CountTokensRequest(_MessagesInput):
     def to_internal(self, request_id: str) -> GenerateRequest:
         # max_tokens_given=False: only the prompt's own length is checked against the window
-        return GenerateRequest(request_id, self.model, SamplingParams(), messages=self.chat_messages(),
-                               max_tokens_given=False)
+        return self.internal(request_id, SamplingParams(), max_tokens_given=False)
 
 
 # responses ------------------------------------------------------------------------------------

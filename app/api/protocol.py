@@ -20,6 +20,7 @@ class GenerateRequest:
     # "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": dict}}]}, and its
     # result {"role": "tool", "tool_call_id", "name", "content": str}
     messages: list[dict] | None = None
+    continue_final_message: bool = False  # chat: continue the last (assistant) message, e.g. Anthropic's prefill
     max_tokens_given: bool = True  # False: fill the rest of the context window
     stream: bool = False
     n: int = 1  # choices: n engine sequences from one prepared prompt

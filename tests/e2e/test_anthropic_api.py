@@ -66,6 +66,19 @@ def test_system_as_text_blocks_and_raw_headers(server, claude):
     assert raw.status_code == 200 and raw.json()["content"] == [{"type": "text", "text": as_string.content[0].text}]
 
 
+def test_assistant_prefill_is_continued(claude, hf_model, reference_greedy):
+    _, tokenizer = hf_model
+    turns = [{"role": "user", "content": "Pick one: (A) or (B)"}, {"role": "assistant", "content": "The answer is ("}]
+    msg = claude.messages.create(model=MODEL, messages=turns, max_tokens=8, extra_body=GREEDY)
+    rendered = tokenizer.apply_chat_template(turns, tokenize=False, continue_final_message=True)
+    assert rendered.endswith("The answer is (")  # the turn is left open, no new assistant header
+    ids = tokenizer.encode(rendered, add_special_tokens=False)
+    expected = reference_greedy(ids, 8, ignore_eos=False)
+    assert msg.content[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (len(ids), len(expected))
+    assert claude.messages.count_tokens(model=MODEL, messages=turns).input_tokens == len(ids)
+
+
 def test_top_k_and_top_p_reach_the_sampler(claude):
     greedy = claude.messages.create(model=MODEL, messages=TURNS, max_tokens=10, extra_body=GREEDY).content[0].text
     for only_top_token in ({"top_k": 1}, {"top_p": 1e-6}):
@@ -178,7 +191,6 @@ def message_body(**fields) -> dict:
         (message_body(messages=[]), 400, "messages"),
         (message_body(messages=[{"role": "tool", "content": "x"}]), 400, "messages.0.role"),
         (message_body(messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}]), 400, "messages.0.content"),
-        (message_body(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]), 400, "prefill"),
         (message_body(top_k=-1), 400, "top_k"),
         (message_body(stop_sequences=[""]), 400, "stop_sequences.0"),
         (message_body(bogus_field=1), 400, "bogus_field"),
