@@ -1,0 +1,245 @@
+"""Hugging Face Text Generation Inference (TGI) wire format: `POST /generate`, `POST /generate_stream`,
+the compatibility route `POST /` (streams when the body says so; `huggingface_hub.InferenceClient`
+posts `text_generation` there), and `GET /info`.
+
+TGI serves one model per endpoint: here the first configured model, unless the body's `model` (a
+Conduit extension) names another. Sampling follows TGI: greedy unless `do_sample` is set or a warper
+(`temperature` != 1, `top_k`, `top_p`) is given; a sampled request without `seed` gets a random one,
+reported in `details.seed`. Like TGI, `generated_text` includes the stop sequence that ended it.
+
+Token events: the engine coalesces tokens into deltas, so the text of a delta rides on its last
+token and the others carry "" (concatenating `token.text` always gives `generated_text`); ids and
+log-probs are per token."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.api.errors import ConduitError
+from app.api.openai import sse
+from app.api.pipeline import Pipeline
+from app.api.protocol import GenerateRequest
+from app.engine.engine import RequestOutput
+from app.engine.sampling_params import SamplingParams
+
+MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
+DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when the field is absent (null: the rest of the window)
+UNSUPPORTED = ("adapter_id", "grammar", "top_n_tokens", "truncate", "typical_p")
+
+
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: Annotated[int, Field(gt=0)] | None = DEFAULT_MAX_NEW_TOKENS
+    temperature: Annotated[float, Field(gt=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, lt=1)] | None = None
+    top_k: Annotated[int, Field(gt=0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    stop: Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] = []
+    seed: Annotated[int, Field(ge=0)] | None = None
+    do_sample: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    return_full_text: bool | None = False
+    best_of: Annotated[int, Field(ge=1, le=1)] | None = None  # several sequences per request: not here
+    watermark: bool = False
+    # TGI parameters Conduit does not implement: refused by name rather than ignored
+    adapter_id: Any = None
+    grammar: Any = None
+    top_n_tokens: Any = None
+    truncate: Any = None
+    typical_p: Any = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> Parameters:
+        given = [name for name in UNSUPPORTED if getattr(self, name) is not None]
+        given += ["watermark"] * self.watermark + ["decoder_input_details"] * self.decoder_input_details
+        if given:
+            raise ValueError(f"`{given[0]}` is not supported by this server")
+        return self
+
+    @property
+    def sampled(self) -> bool:
+        warped = (self.temperature not in (None, 1.0)) or self.top_k is not None or self.top_p is not None
+        return self.do_sample or warped
+
+    def sampling(self, with_logprobs: bool) -> SamplingParams:
+        seed = None
+        if self.sampled:
+            seed = self.seed if self.seed is not None else random.getrandbits(63)
+        return SamplingParams(
+            max_tokens=self.max_new_tokens or 1,
+            temperature=(self.temperature or 1.0) if self.sampled else 0.0,
+            top_p=self.top_p or 1.0,
+            top_k=self.top_k or 0,
+            seed=seed,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            stop=list(self.stop),
+            logprobs=0 if with_logprobs else None,
+        )
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str = Field(min_length=1)
+    parameters: Parameters = Field(default_factory=Parameters)
+    stream: bool = False  # read by the compatibility route `POST /` only
+    model: str | None = None  # Conduit extension: a configured model other than the first
+
+    def to_internal(self, request_id: str, model: str, stream: bool) -> GenerateRequest:
+        p = self.parameters
+        return GenerateRequest(
+            request_id=request_id,
+            model=model,
+            sampling=p.sampling(with_logprobs=stream or p.details),
+            prompt=self.inputs,
+            max_tokens_given=p.max_new_tokens is not None,
+            stream=stream,
+        )
+
+
+# responses ------------------------------------------------------------------------------------
+def error_response(err: ConduitError) -> JSONResponse:
+    """TGI's error body; huggingface_hub raises the exception that `error_type` names."""
+    if err.status in (429, 503):
+        status, kind = 429, "overloaded"
+    elif err.status >= 500:
+        status, kind = 424, "generation"  # TGI's status for a failed generation
+    else:
+        status, kind = (422 if err.status == 400 else err.status), "validation"
+    return JSONResponse({"error": err.message, "error_type": kind}, status_code=status)
+
+
+def finish_reason(out: RequestOutput) -> str:
+    if out.finish_reason == "length":
+        return "length"
+    return "eos_token" if out.stop_reason is None else "stop_sequence"
+
+
+def delta_text(out: RequestOutput) -> str:
+    """The delta's text, plus the stop sequence that ended it (TGI keeps it in the output)."""
+    ended_by_stop = out.finished and isinstance(out.stop_reason, str) and out.finish_reason == "stop"
+    return out.text + out.stop_reason if ended_by_stop else out.text
+
+
+def delta_tokens(out: RequestOutput, text: str) -> list[dict]:
+    """TGI's token objects for one engine delta; an EOS that ended it is a special token."""
+    ends_with_eos = out.finished and finish_reason(out) == "eos_token"
+    last = len(out.token_ids) - 1
+    carrier = last - 1 if ends_with_eos and last > 0 else last  # the token that carries the text
+    return [
+        {
+            "id": token_id,
+            "text": text if i == carrier else "",
+            "logprob": out.logprobs[i].chosen.logprob if out.logprobs else None,
+            "special": ends_with_eos and i == last,
+        }
+        for i, token_id in enumerate(out.token_ids)
+    ]
+
+
+def details(out: RequestOutput, seed: int | None) -> dict:
+    return {"finish_reason": finish_reason(out), "generated_tokens": out.num_output_tokens, "seed": seed}
+
+
+async def generate_whole(stream, body: GenerateBody, seed: int | None) -> tuple[dict, RequestOutput]:
+    """(TGI's /generate answer, the last delta) from the engine's deltas."""
+    text, tokens, last = "", [], None
+    async for _, out in stream:
+        delta = delta_text(out)
+        text += delta
+        tokens += delta_tokens(out, delta)
+        last = out
+    if body.parameters.return_full_text:
+        text = body.inputs + text
+    answer = {"generated_text": text}
+    if body.parameters.details:
+        answer["details"] = {**details(last, seed), "prefill": [], "tokens": tokens, "best_of_sequences": None}
+    return answer, last
+
+
+async def token_events(stream, body: GenerateBody, seed: int | None) -> AsyncIterator[str]:
+    """TGI's SSE: one event per token; the last also carries `generated_text` (and `details`)."""
+    generated = body.inputs if body.parameters.return_full_text else ""
+    index = 0
+    try:
+        async for _, out in stream:
+            delta = delta_text(out)
+            generated += delta
+            tokens = delta_tokens(out, delta)
+            for i, token in enumerate(tokens):
+                index += 1
+                final = out.finished and i == len(tokens) - 1
+                event = {"index": index, "token": token, "generated_text": None, "details": None}
+                if final:
+                    event["generated_text"] = generated
+                    if body.parameters.details:
+                        event["details"] = {**details(out, seed), "input_length": out.num_prompt_tokens}
+                yield sse(event)
+    except Exception as e:  # after the 200 the status is sent: TGI reports errors as an event
+        err = e if isinstance(e, ConduitError) else ConduitError(f"generation failed: {e}", 500)
+        yield sse({"error": err.message, "error_type": "generation" if err.status >= 500 else "validation"})
+    finally:
+        await stream.aclose()
+
+
+# routes ---------------------------------------------------------------------------------------
+def routes(pipeline: Pipeline):
+    from app.api.server import Adapter, request_id
+
+    router = APIRouter()
+    default_model = next(iter(pipeline.models.ids.values()))  # the first configured model
+
+    async def start(request: Request, body: GenerateBody, stream: bool):
+        req = body.to_internal(request_id(request), body.model or default_model, stream)
+        return await pipeline.stream(req), req.sampling.seed  # first delta awaited: early errors get a status
+
+    async def generate(request: Request, body: GenerateBody) -> tuple[dict, dict]:
+        deltas, seed = await start(request, body, stream=False)
+        answer, last = await generate_whole(deltas, body, seed)
+        headers = {"x-prompt-tokens": str(last.num_prompt_tokens), "x-generated-tokens": str(last.num_output_tokens)}
+        return answer, headers
+
+    @router.post("/generate")
+    async def generate_route(request: Request, body: GenerateBody):
+        answer, headers = await generate(request, body)
+        return JSONResponse(answer, headers=headers)
+
+    @router.post("/generate_stream")
+    async def generate_stream(request: Request, body: GenerateBody):
+        deltas, seed = await start(request, body, stream=True)
+        return StreamingResponse(token_events(deltas, body, seed), media_type="text/event-stream")
+
+    @router.post("/")
+    async def compat_generate(request: Request, body: GenerateBody):
+        """TGI's compatibility route: streams per the body's flag, else a one-element list."""
+        if body.stream:
+            return await generate_stream(request, body)
+        answer, headers = await generate(request, body)
+        return JSONResponse([answer], headers=headers)
+
+    @router.get("/info")
+    async def info():
+        window = await pipeline.max_model_len(default_model)
+        return {
+            "model_id": default_model,
+            "model_sha": None,
+            "model_pipeline_tag": "text-generation",
+            "max_best_of": 1,
+            "max_stop_sequences": MAX_STOP_SEQUENCES,
+            "max_input_tokens": window - 1,
+            "max_total_tokens": window,
+            "router": "conduit",
+            "version": "conduit",
+        }
+
+    return Adapter(router, error_response, prefixes=("/generate", "/info"), paths=("/",))
