@@ -62,6 +62,9 @@ class Pipeline:
     async def detokenize(self, model: str, token_ids: list[int]) -> str:
         return await self.tokenizer.detokenize.remote(self.models.resolve(model), token_ids)
 
+    async def max_model_len(self, model: str) -> int:
+        return await self.tokenizer.max_model_len.remote(self.models.resolve(model))
+
     async def _collect(self, prepared: PreparedRequest) -> RequestOutput:
         result = None
         async for out in self.generate(prepared):

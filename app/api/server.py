@@ -26,6 +26,7 @@ class Adapter:
     router: APIRouter
     error_response: Callable[[ConduitError], Response]
     prefixes: tuple[str, ...] = ()  # paths whose errors take this adapter's shape
+    paths: tuple[str, ...] = ()  # exact paths likewise (TGI's `POST /` must not claim every path)
 
 
 def request_id(request: Request) -> str:
@@ -45,14 +46,15 @@ def validation_error(exc: RequestValidationError) -> ConduitError:
 
 
 def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
-    from app.api import anthropic, openai  # adapters import server.Adapter
+    from app.api import anthropic, azure, cloudflare, openai, tgi  # adapters import server.Adapter
 
-    adapters = [openai.routes(pipeline), anthropic.routes(pipeline)]
+    adapters = [openai.routes(pipeline), anthropic.routes(pipeline),
+                azure.routes(pipeline), tgi.routes(pipeline), cloudflare.routes(pipeline)]
     default = adapters[0]  # OpenAI's error shape wherever no other adapter claims the path
 
     def error_response(request: Request, err: ConduitError) -> Response:
         path = request.url.path
-        adapter = next((a for a in adapters if any(path.startswith(p) for p in a.prefixes)), default)
+        adapter = next((a for a in adapters if path in a.paths or any(path.startswith(p) for p in a.prefixes)), default)
         response = adapter.error_response(err)
         response.headers[REQUEST_ID_HEADER] = getattr(request.state, "request_id", "")
         return response
