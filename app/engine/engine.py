@@ -18,7 +18,7 @@ import torch
 from app.config import EngineConfig
 from app.engine.block_manager import BlockManager
 from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.logprobs import TokenLogprobs
+from app.engine.logprobs import TokenLogprobs, TokenNames, prompt_logprobs, token_logprobs
 from app.engine.model_runner import ModelRunner
 from app.engine.sampler import sample
 from app.engine.sampling_params import SamplingParams
@@ -81,6 +81,9 @@ class LLMEngine:
             model, config.max_num_seqs, config.max_model_len, config.block_size, config.num_prefix_blocks
         )
         self.sequences: dict[str, Sequence] = {}
+        self.model = model
+        self.token_names = TokenNames(tokenizer)
+        self._guided = None  # GuidedCompiler, built on the first guided request
 
     # requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -96,6 +99,10 @@ class LLMEngine:
             raise ValueError(f"prompt + max_tokens ({total} tokens) can never fit in the KV cache")
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         seq = Sequence(request_id, prompt_ids, params, detok, self.eos_ids)
+        if params.guided is not None:
+            seq.matcher = self._guided_compiler().matcher(params.guided)
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = prompt_logprobs(self.model, prompt_ids, params.prompt_logprobs, self.token_names)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -141,8 +148,14 @@ class LLMEngine:
             logits = self.runner.decode(seqs)
             for seq in seqs:
                 seq.num_cached = seq.num_tokens
+        scored = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        raw_logits = logits[scored] if scored else None  # a copy: sample() edits logits in place
         tokens = sample(logits, seqs)
         outputs = [self._append_token(seq, token) for seq, token in zip(seqs, tokens)]
+        if scored:
+            for i, lp in zip(scored, token_logprobs(raw_logits, [tokens[i] for i in scored],
+                                                    [seqs[i].params.logprobs for i in scored], self.token_names)):
+                outputs[i].logprobs = [lp]
         for seq in seqs:
             if seq.is_finished:
                 self.scheduler.remove(seq)
@@ -173,7 +186,9 @@ class LLMEngine:
         is_eos = token in seq.eos_ids and not p.ignore_eos
         if not is_eos:
             seq.detokenizer.add_token(token)
-        if is_eos or token in p.stop_token_ids or seq.detokenizer.stopped:
+        if seq.matcher is not None:
+            seq.matcher.advance(token)
+        if is_eos or token in p.stop_token_ids or seq.detokenizer.stopped or (seq.matcher and seq.matcher.done):
             seq.finish_reason = "stop"
         elif n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
@@ -190,7 +205,16 @@ class LLMEngine:
             num_output_tokens=n,
             itl=itl,
             timings=seq.timings if seq.is_finished else None,
+            prompt_logprobs=seq.prompt_logprobs if n == 1 else None,
         )
+
+    def _guided_compiler(self):
+        if self._guided is None:
+            from app.engine.guided import GuidedCompiler  # xgrammar loads only where it is used
+
+            vocab_size = self.model.config.get_text_config().vocab_size
+            self._guided = GuidedCompiler(self.tokenizer, vocab_size, sorted(self.eos_ids))
+        return self._guided
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -51,3 +51,11 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int], na
             top = [Logprob(t, names(t), v) for t, v in zip(top_ids[i, :k].tolist(), top_values[i, :k].tolist())]
         result.append(TokenLogprobs(Logprob(token_id, names(token_id), chosen[i]), top))
     return result
+
+
+def prompt_logprobs(model, prompt_ids: list[int], k: int, names: TokenNames) -> list[TokenLogprobs | None]:
+    """Each prompt token scored given the ones before it (the first has no context: None).
+    One plain forward pass of the model, outside the KV cache, paid only by requests that ask."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False).logits[0, :-1]
+    return [None, *token_logprobs(logits, prompt_ids[1:], [k] * (len(prompt_ids) - 1), names)] if len(prompt_ids) > 1 else [None]

@@ -41,7 +41,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     for i, seq in enumerate(seqs):
         if seq.params.needs_penalties:
             _apply_penalties(logits[i], seq)
-        if not seq.params.ignore_eos and len(seq.output_ids) < seq.params.min_tokens:
+        if seq.matcher is not None:  # the grammar alone decides where a guided output may end
+            seq.matcher.mask(logits[i : i + 1])
+        elif not seq.params.ignore_eos and len(seq.output_ids) < seq.params.min_tokens:
             for eos in seq.eos_ids:
                 logits[i, eos] = float("-inf")
     tokens = logits.argmax(dim=-1).tolist()

@@ -63,6 +63,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.timings = RequestTimings()
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.matcher = None  # GuidedMatcher (app/engine/guided.py) when params.guided is set
+        self.prompt_logprobs = None  # computed at arrival when params.prompt_logprobs is set
 
     @property
     def token_ids(self) -> list[int]:
