@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
+from ray.serve.schema import LoggingConfig
 
 from app.config import parse_app_config
 from app.demo_model import build_demo_model
@@ -21,12 +22,15 @@ def build_app(args: dict) -> Application:
     for model in config.models:
         if model.build_demo_if_missing:
             build_demo_model(model.resolved_source)
-    tokenizer = Tokenizer.bind(config.models)
+    # Serve's own log encoding, so every Conduit deployment's records (access lines too) follow it
+    logs = LoggingConfig(encoding=config.logging.format.upper())
+    tokenizer = Tokenizer.options(logging_config=logs).bind(config.models)
     models = {
         m.name: Model.options(
             name=m.deployment_name,
             request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter),
+            logging_config=logs,
         ).bind(m)
         for m in config.models
     }
-    return Ingress.bind(config, tokenizer, models)
+    return Ingress.options(logging_config=logs).bind(config, tokenizer, models)

@@ -75,9 +75,15 @@ class IngressConfig(Strict):
     max_request_bytes: int = Field(1_000_000, gt=0, description="larger bodies get 413")
 
 
+class LogConfig(Strict):
+    format: Literal["text", "json"] = Field("text", description="json: one JSON object per log record (Serve's encoding)")
+    log_prompts: bool = Field(False, description="put prompts and outputs in the access log (off: counts only)")
+
+
 class AppConfig(Strict):
     models: list[ModelConfig] = Field(min_length=1)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    logging: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> AppConfig:

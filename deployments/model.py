@@ -17,6 +17,7 @@ from app.config import ModelConfig
 from app.engine.async_engine import AsyncEngine
 from app.engine.engine import LLMEngine, RequestOutput
 from app.loading import load_model, load_tokenizer, pick_device, resolved_engine_config
+from app.metrics import ModelMetrics
 
 log = logging.getLogger("ray.serve")
 STALL_LIMIT_S = 60.0  # a step that takes longer than this means the engine is stuck
@@ -42,13 +43,16 @@ class Model:
         model = load_model(config.model_copy(update={"engine": engine_config}), device)
         self.config = engine_config
         self.engine = AsyncEngine(LLMEngine(model, tokenizer, engine_config))
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.metrics = ModelMetrics(config.name, replica, engine_config.block_size)
+        self.metrics.poll(self.engine.engine.stats)  # engine gauges, once a second
         log.info("model %s ready: %s", config.name, engine_config.model_dump())
 
     async def generate(self, request: PreparedRequest) -> AsyncIterator[RequestOutput]:
         try:
-            async for out in self.engine.generate(
+            async for out in self.metrics.track(request.request_id, self.engine.generate(
                 request.request_id, request.prompt_ids, request.sampling, self.config.stream_interval_s
-            ):
+            )):
                 yield out
         except ValueError as e:  # the engine refused it (e.g. can never fit in the KV cache)
             raise ConduitError(str(e), 400, param="max_tokens") from None

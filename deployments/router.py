@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from app.api.errors import model_not_found
+from app import metrics
 from app.api.protocol import PreparedRequest
 
 PREFIX_TOKENS = 16  # = the engine's default block size: one cached block's worth
@@ -49,11 +51,14 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        started = time.perf_counter()
         request = pending_request.args[0] if pending_request and pending_request.args else None
         if isinstance(request, PreparedRequest):
             key = repr(request.prompt_ids[:PREFIX_TOKENS]).encode()
             ranked = sorted(candidate_replicas, key=lambda r: _score(r.replica_id.unique_id, key))
         else:
             ranked = random.sample(candidate_replicas, len(candidate_replicas))
+        metrics.observe("conduit:router_latency_seconds", time.perf_counter() - started,
+                        deployment=self._deployment_id.name)
         # best two compete on queue length; the rest are the fallback when both are full
         return [ranked[:2], ranked[2:]] if len(ranked) > 2 else [ranked]

@@ -6,9 +6,11 @@ of them calls a deployment directly."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+from app import access_log
 from app.api.protocol import GenerateRequest, PreparedRequest
 from app.engine.engine import RequestOutput
 
@@ -21,8 +23,10 @@ class Pipeline:
 
     async def prepare(self, req: GenerateRequest) -> list[PreparedRequest]:
         """Tokenize once; one engine sequence per choice (seeded choices get seed, seed+1, ...)."""
+        started = time.monotonic()
         req.model = self.models.resolve(req.model)
         prepared = await self.tokenizer.prepare.remote(req)
+        access_log.tokenized(req.model, len(prepared.prompt_ids), time.monotonic() - started, req.messages or req.prompt)
         if req.n == 1:
             return [prepared]
         seed = prepared.sampling.seed
@@ -36,6 +40,7 @@ class Pipeline:
         stream = self.models.handle(prepared.model).options(stream=True).generate.remote(prepared)
         try:
             async for out in stream:
+                access_log.output(out)
                 yield out
         finally:
             stream.cancel()  # no-op once finished; frees the engine slot if the client went away

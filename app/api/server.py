@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from app import access_log, metrics
 from app.api.errors import ConduitError
 from app.api.pipeline import Pipeline
 from app.config import AppConfig
@@ -56,7 +58,6 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
         path = request.url.path
         adapter = next((a for a in adapters if path in a.paths or any(path.startswith(p) for p in a.prefixes)), default)
         response = adapter.error_response(err)
-        response.headers[REQUEST_ID_HEADER] = getattr(request.state, "request_id", "")
         return response
 
     api = FastAPI(title="Conduit", description="LLM inference on Ray Serve: OpenAI-compatible and more")
@@ -73,20 +74,27 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
 
     max_bytes = config.ingress.max_request_bytes
 
+    # No x-request-id on responses here: Serve's proxy already echoes it on every response (the
+    # client's, or the one it made and passed in), so setting it too would send it twice.
     @api.middleware("http")
     async def request_context(request: Request, call_next):
         request.state.request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        record = access_log.start(request, config.logging.log_prompts)
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_bytes):
             err = ConduitError(f"Request body of {length} bytes exceeds the limit of {max_bytes} bytes",
                                413, code="request_too_large")
-            return error_response(request, err)
+            return access_log.finish(record, request, error_response(request, err))
         response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = request.state.request_id
-        return response
+        return access_log.finish(record, request, response)
 
     @api.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @api.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        """Every replica's metrics in the cluster, vLLM's and Conduit's names (app/metrics.py)."""
+        return Response(await metrics.scrape_cluster(), media_type=CONTENT_TYPE_LATEST)
 
     return api

@@ -1,0 +1,122 @@
+"""One access-log line per request, written by the ingress when the response's last byte is sent.
+
+The middleware in app/api/server.py opens an `AccessRecord` for each request and keeps it in a
+context variable; the pipeline fills in what only it knows (model, token counts, first-token time,
+finish reasons) through `tokenized` and `output`, which do nothing outside a request. The line is
+`key=value` text; with `logging.format: json` Serve's JSON formatter also writes the fields as an
+object under the record's "access" key."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from app import metrics
+
+log = logging.getLogger("ray.serve")
+_current: ContextVar[AccessRecord | None] = ContextVar("conduit_access_record", default=None)
+UNLOGGED_ROUTES = {"/health", "/metrics"}  # probes and scrapes: counted, not logged
+
+
+@dataclass
+class AccessRecord:
+    request_id: str
+    method: str
+    path: str
+    log_prompts: bool = False
+    started: float = field(default_factory=time.monotonic)
+    route: str = ""  # the route template (e.g. /v1/models/{model}); set once routed
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_output: float | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    output_text: list[str] = field(default_factory=list)  # only when log_prompts
+    prompt: object = None  # only when log_prompts
+
+    def fields(self, status: int) -> dict:
+        now = time.monotonic()
+        out = {
+            "request_id": self.request_id, "method": self.method, "route": self.route or self.path,
+            "model": self.model, "status": status, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "ttft_ms": None if self.first_output is None else round((self.first_output - self.started) * 1e3, 1),
+            "total_ms": round((now - self.started) * 1e3, 1),
+            "finish_reason": ",".join(self.finish_reasons) or None,
+        }
+        if self.log_prompts:
+            out.update(prompt=self.prompt, output="".join(self.output_text))
+        return out
+
+
+def start(request, log_prompts: bool) -> AccessRecord:
+    """Open the record of one HTTP request (a starlette Request whose request id is set)."""
+    record = AccessRecord(request.state.request_id, request.method, request.url.path, log_prompts)
+    _current.set(record)
+    return record
+
+
+def finish(record: AccessRecord, request, response):
+    """Close the record once `response` is sent: after its body's last chunk for a streamed body."""
+    route = request.scope.get("route")  # set by the router: the template, not the raw path
+    record.route = getattr(route, "path", "")
+    body = getattr(response, "body_iterator", None)
+    if body is None:
+        close_record(record, response.status_code)
+        return response
+
+    async def body_then_close():
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            close_record(record, response.status_code)
+
+    response.body_iterator = body_then_close()
+    return response
+
+
+def tokenized(model: str, prompt_tokens: int, seconds: float, prompt=None) -> None:
+    """The tokenizer stage is done: `prompt_tokens` for `model`, taking `seconds` (hop included)."""
+    metrics.observe("conduit:tokenizer_latency_seconds", seconds, model_name=model)
+    record = _current.get()
+    if record is not None:
+        record.model, record.prompt_tokens = model, prompt_tokens
+        if record.log_prompts:
+            record.prompt = prompt
+
+
+def output(out) -> None:
+    """One delta (RequestOutput) of one choice reached the ingress."""
+    record = _current.get()
+    if record is None:
+        return
+    if record.first_output is None:
+        record.first_output = time.monotonic()
+    record.completion_tokens += len(out.token_ids)
+    if out.finished:
+        record.finish_reasons.append(out.finish_reason)
+    if record.log_prompts:
+        record.output_text.append(out.text)
+
+
+def close_record(record: AccessRecord, status: int) -> None:
+    """The response is sent: count it, time it, and write its access-log line."""
+    route, model = record.route or "unmatched", record.model or ""
+    metrics.inc("conduit:http_requests", 1, route=route, status=str(status))
+    if status >= 400:
+        metrics.inc("conduit:request_errors", 1, route=route, model_name=model, status=str(status))
+    if record.model and record.first_output is not None:
+        metrics.observe("conduit:time_to_first_token_seconds", record.first_output - record.started,
+                        model_name=model, route=route)
+        metrics.observe("conduit:e2e_request_latency_seconds", time.monotonic() - record.started,
+                        model_name=model, route=route)
+    if route in UNLOGGED_ROUTES:
+        return
+    fields = record.fields(status)
+    text = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None and k not in ("prompt", "output"))
+    if record.log_prompts:
+        text += f" prompt={fields['prompt']!r} output={fields['output']!r}"
+    log.info("access %s", text, extra={"access": fields})

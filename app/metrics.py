@@ -1,0 +1,318 @@
+"""Conduit's metrics, under vLLM's names, types, labels and buckets (so vLLM's dashboards and alerts
+work unchanged), plus Conduit's own `conduit:` metrics for the stages in front of the engine.
+
+How they travel:
+- Every process records through Ray's metrics API (`ray.util.metrics`). Ray allows no `:` in a
+  name, so `vllm:prompt_tokens` is recorded as `vllm_prompt_tokens` (vLLM's own Ray metrics wrapper
+  does the same) and each node's Ray metrics agent exports it as `ray_vllm_prompt_tokens_total`.
+  A cluster's Prometheus scrapes those agents and renames the series back
+  (cluster/prometheus.yml: `ray_vllm_x` -> `vllm:x`, `ray_conduit_x` -> `conduit:x`).
+- `GET /metrics` on the ingress (`scrape_cluster`) reads the same agents of every alive node and
+  re-serves the Conduit, vLLM and Ray Serve families with those names restored, so one box needs no
+  Ray-specific set-up. Both paths show what Ray last exported: up to `metrics_report_interval_ms`
+  (Ray's default 10 s) behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+log = logging.getLogger("ray.serve")
+
+# vLLM's bucket boundaries (vllm/v1/metrics: TTFT, inter-token latency, request phase latencies)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+               20.0, 40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                           60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# Conduit's stages before the engine are milliseconds, not seconds
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+VLLM_LABELS = ("model_name", "engine")  # engine: the Serve replica that ran the request
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str  # as Prometheus shows it; a counter's samples get "_total" appended
+    kind: Literal["counter", "gauge", "histogram"]
+    help: str
+    labels: tuple[str, ...] = VLLM_LABELS
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def ray_name(self) -> str:
+        return self.name.replace(":", "_")
+
+    @property
+    def exported_names(self) -> set[str]:
+        """Every sample name Prometheus will store for this metric."""
+        if self.kind == "counter":
+            return {self.name + "_total"}
+        if self.kind == "histogram":
+            return {self.name + suffix for suffix in ("_bucket", "_sum", "_count")}
+        return {self.name}
+
+
+def _h(name: str, help: str, buckets: tuple[float, ...], labels: tuple[str, ...] = VLLM_LABELS) -> Spec:
+    return Spec(name, "histogram", help, labels, buckets)
+
+
+VLLM = {spec.name: spec for spec in [
+    Spec("vllm:num_requests_running", "gauge", "Number of requests in model execution batches."),
+    Spec("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed."),
+    Spec("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage."),
+    Spec("vllm:prefix_cache_queries", "counter",
+         "Prefix cache queries, in terms of number of queried tokens (Conduit: whole blocks looked up)."),
+    Spec("vllm:prefix_cache_hits", "counter", "Prefix cache hits, in terms of number of cached tokens."),
+    Spec("vllm:num_preemptions", "counter", "Cumulative number of preemption from the engine."),
+    Spec("vllm:prompt_tokens", "counter", "Number of prefill tokens processed."),
+    Spec("vllm:generation_tokens", "counter", "Number of generation tokens processed."),
+    Spec("vllm:request_success", "counter", "Count of successfully processed requests.",
+         VLLM_LABELS + ("finished_reason",)),
+    _h("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS),
+    _h("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS),
+    _h("vllm:request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.",
+       ITL_BUCKETS),
+    _h("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS),
+    _h("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
+       REQUEST_LATENCY_BUCKETS),
+    _h("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
+       REQUEST_LATENCY_BUCKETS),
+    _h("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
+       REQUEST_LATENCY_BUCKETS),
+    _h("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
+       REQUEST_LATENCY_BUCKETS),
+]}
+
+CONDUIT = {spec.name: spec for spec in [
+    Spec("conduit:http_requests", "counter", "HTTP requests answered by the ingress, by route and status.",
+         ("route", "status")),
+    Spec("conduit:request_errors", "counter", "Requests answered with an error status (4xx/5xx), by status.",
+         ("route", "model_name", "status")),
+    _h("conduit:tokenizer_latency_seconds", "Time of the tokenizer stage as the ingress sees it (one Ray hop).",
+       STAGE_BUCKETS, ("model_name",)),
+    _h("conduit:router_latency_seconds", "Time the prefix-affinity router takes to rank a model's replicas.",
+       STAGE_BUCKETS, ("deployment",)),
+    _h("conduit:time_to_first_token_seconds",
+       "Time to first token at the ingress: tokenizer, routing, queue, prefill and the hops back.",
+       TTFT_BUCKETS, ("model_name", "route")),
+    _h("conduit:e2e_request_latency_seconds", "Whole request at the ingress, until the last byte was sent.",
+       REQUEST_LATENCY_BUCKETS, ("model_name", "route")),
+]}
+
+# Ray Serve's own metric the dashboard counts replicas with (exported under this name by Ray)
+SERVE_REPLICA_HEALTHY = "ray_serve_deployment_replica_healthy"
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the server exports, as PromQL refers to it."""
+    names = {SERVE_REPLICA_HEALTHY}
+    for spec in [*VLLM.values(), *CONDUIT.values()]:
+        names |= spec.exported_names
+    return names
+
+
+# recording (inside Ray processes) ---------------------------------------------------------------
+_ray_metrics: dict[str, object] = {}
+_ray_metrics_lock = threading.Lock()
+
+
+def ray_metric(name: str):
+    """The process's `ray.util.metrics` object for one spec (created once per process)."""
+    with _ray_metrics_lock:
+        if name not in _ray_metrics:
+            from ray.util import metrics
+
+            spec = VLLM.get(name) or CONDUIT[name]
+            if spec.kind == "counter":
+                metric = metrics.Counter(spec.ray_name, spec.help, spec.labels)
+            elif spec.kind == "gauge":
+                metric = metrics.Gauge(spec.ray_name, spec.help, spec.labels)
+            else:
+                metric = metrics.Histogram(spec.ray_name, spec.help, list(spec.buckets), spec.labels)
+            _ray_metrics[name] = metric
+        return _ray_metrics[name]
+
+
+def inc(name: str, value: float, **tags: str) -> None:
+    if value > 0:  # Ray's counters refuse 0
+        ray_metric(name).inc(value, tags=tags)
+
+
+def observe(name: str, value: float, **tags: str) -> None:
+    ray_metric(name).observe(value, tags=tags)
+
+
+class ModelMetrics:
+    """A model replica's vLLM metrics: per request from the engine's outputs, per interval from
+    `LLMEngine.stats()` (read by a background thread, never per token)."""
+
+    def __init__(self, model_name: str, replica: str, block_size: int):
+        self.tags = {"model_name": model_name, "engine": replica}
+        self.block_size = block_size  # the engine counts prefix lookups in blocks, vLLM in tokens
+        self._last_counters = {"vllm:prefix_cache_queries": 0, "vllm:prefix_cache_hits": 0, "vllm:num_preemptions": 0}
+
+    async def track(self, request_id: str, stream: AsyncIterator) -> AsyncIterator:
+        """Pass a request's stream of deltas through, recording them; logs its start and end."""
+        started, finished, first = time.monotonic(), False, True
+        try:
+            async for out in stream:
+                if first:
+                    log.info("request %s: started, %d prompt tokens", request_id, out.num_prompt_tokens)
+                self.delta(out, first)
+                first, finished = False, out.finished
+                yield out
+        finally:
+            if finished:
+                log.info("request %s: finished (%s), %d tokens in %.3f s", request_id, out.finish_reason,
+                         out.num_output_tokens, time.monotonic() - started)
+            else:
+                self.aborted()
+                log.info("request %s: aborted after %.3f s", request_id, time.monotonic() - started)
+
+    def delta(self, out, first: bool) -> None:
+        """One streamed delta (RequestOutput) of a request; `first`: the request's first delta."""
+        if first:
+            inc("vllm:prompt_tokens", out.num_prompt_tokens, **self.tags)
+        inc("vllm:generation_tokens", len(out.token_ids), **self.tags)
+        for gap in out.itl:
+            observe("vllm:inter_token_latency_seconds", gap, **self.tags)
+        if out.finished:
+            self._finished(out)
+
+    def _finished(self, out) -> None:
+        t = out.timings
+        inc("vllm:request_success", 1, finished_reason=out.finish_reason, **self.tags)
+        observe("vllm:time_to_first_token_seconds", t.first_token - t.arrival, **self.tags)
+        observe("vllm:e2e_request_latency_seconds", t.last_token - t.arrival, **self.tags)
+        observe("vllm:request_queue_time_seconds", t.first_scheduled - t.arrival, **self.tags)
+        observe("vllm:request_prefill_time_seconds", t.first_token - t.first_scheduled, **self.tags)
+        observe("vllm:request_decode_time_seconds", t.last_token - t.first_token, **self.tags)
+        observe("vllm:request_inference_time_seconds", t.last_token - t.first_scheduled, **self.tags)
+        if out.num_output_tokens > 1:
+            tpot = (t.last_token - t.first_token) / (out.num_output_tokens - 1)
+            observe("vllm:request_time_per_output_token_seconds", tpot, **self.tags)
+
+    def aborted(self) -> None:
+        """The client went away (or the request failed) before the engine finished it."""
+        inc("vllm:request_success", 1, finished_reason="abort", **self.tags)
+
+    def record_stats(self, stats) -> None:
+        """One `EngineStats` reading: gauges set, cumulative engine counters turned into increments."""
+        ray_metric("vllm:num_requests_running").set(stats.num_running, tags=self.tags)
+        ray_metric("vllm:num_requests_waiting").set(stats.num_waiting, tags=self.tags)
+        usage = stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0
+        ray_metric("vllm:kv_cache_usage_perc").set(usage, tags=self.tags)
+        current = {
+            "vllm:prefix_cache_queries": stats.prefix_queries * self.block_size,
+            "vllm:prefix_cache_hits": stats.prefix_hits * self.block_size,
+            "vllm:num_preemptions": stats.num_preemptions,
+        }
+        for name, value in current.items():
+            inc(name, value - self._last_counters[name], **self.tags)
+        self._last_counters = current
+
+    def poll(self, read_stats, interval_s: float = 1.0) -> threading.Thread:
+        """Record `read_stats()` every `interval_s` in a daemon thread."""
+
+        def loop() -> None:
+            while True:
+                try:
+                    self.record_stats(read_stats())
+                except Exception:  # a metrics hiccup must never take the replica down
+                    log.exception("reading engine stats for metrics failed")
+                time.sleep(interval_s)
+
+        thread = threading.Thread(target=loop, name="conduit-metrics", daemon=True)
+        thread.start()
+        return thread
+
+
+# re-serving: GET /metrics on the ingress ----------------------------------------------------------
+# labels Ray adds that say nothing about Conduit (WorkerId and NodeAddress stay: they keep two
+# processes' series apart)
+RAY_ONLY_LABELS = {"Component", "SessionName", "Version", "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
+
+
+def published_name(ray_family: str) -> str | None:
+    """The name a family exported by Ray is published under, or None if /metrics leaves it out."""
+    if ray_family.startswith("ray_serve_"):
+        return ray_family
+    for prefix in ("vllm", "conduit"):
+        if ray_family.startswith(f"ray_{prefix}_"):
+            return f"{prefix}:{ray_family[len(prefix) + 5:]}"
+    return None
+
+
+def republish(exports: list[str]):
+    """Ray metrics-agent texts (one per node) -> the families /metrics serves, with vLLM's and
+    Conduit's names restored; metrics not recorded yet are announced with no samples."""
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    for text in exports:
+        for family in text_string_to_metric_families(text):
+            name = published_name(family.name)
+            if name is None:
+                continue
+            out = families.setdefault(name, Metric(name, family.documentation, family.type))
+            for sample in family.samples:
+                labels = {k: v for k, v in sample.labels.items() if k not in RAY_ONLY_LABELS}
+                out.add_sample(name + sample.name[len(family.name):], labels, sample.value)
+    for spec in [*VLLM.values(), *CONDUIT.values()]:
+        families.setdefault(spec.name, Metric(spec.name, spec.help, spec.kind))
+    return list(families.values())
+
+
+def render(exports: list[str]) -> bytes:
+    """The Prometheus text exposition of `republish(exports)`, written by prometheus_client."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    class Snapshot:
+        def collect(self):
+            return republish(exports)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Snapshot())
+    return generate_latest(registry)
+
+
+def _exporter_urls() -> list[str]:
+    """Every alive node's Ray metrics agent; this node's on loopback (it listens on all addresses)."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    urls = []
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("MetricsExportPort"):
+            host = "127.0.0.1" if node["NodeManagerAddress"] == here else node["NodeManagerAddress"]
+            urls.append(f"http://{host}:{node['MetricsExportPort']}/metrics")
+    return urls
+
+
+async def scrape_cluster(timeout_s: float = 5.0) -> bytes:
+    """What GET /metrics serves: every node's Ray metrics, republished (see `render`)."""
+    import httpx
+
+    urls = await asyncio.to_thread(_exporter_urls)
+
+    async def fetch(client: httpx.AsyncClient, url: str) -> str:
+        try:
+            response = await client.get(url)
+            response.raise_for_status()
+            return response.text
+        except httpx.HTTPError as e:  # one unreachable node must not hide the others
+            log.warning("metrics: could not read %s: %s", url, e)
+            return ""
+
+    async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as client:
+        exports = await asyncio.gather(*(fetch(client, url) for url in urls))
+    return render(list(exports))
