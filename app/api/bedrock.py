@@ -1,0 +1,163 @@
+"""Amazon Bedrock Runtime wire format (Converse API): `POST /model/{modelId}/converse` and
+`/model/{modelId}/converse-stream`, as boto3's `bedrock-runtime` client calls them.
+
+Requests become a chat `GenerateRequest`; results come back as Converse's JSON, or as AWS
+event-stream messages (app/api/eventstream.py). Errors carry `x-amzn-ErrorType`, which is what makes
+boto3 raise its own exception classes (`client.exceptions.ValidationException`, ...). Any SigV4
+signature is accepted: authentication is not this adapter's job."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.api import eventstream
+from app.api.errors import ConduitError
+from app.api.pipeline import Pipeline
+from app.api.protocol import GenerateRequest
+from app.engine.engine import RequestOutput
+from app.engine.sampling_params import SamplingParams
+
+MAX_STOP = 16
+
+# ConduitError status -> the Bedrock exception boto3 raises for it
+ERROR_TYPES = {
+    400: "ValidationException",
+    404: "ResourceNotFoundException",
+    408: "ModelTimeoutException",
+    413: "ValidationException",
+    429: "ThrottlingException",
+    503: "ServiceUnavailableException",
+}
+# ... and the members of ConverseStream's event union for errors after the stream began
+STREAM_ERROR_TYPES = {400: "validationException", 429: "throttlingException", 503: "serviceUnavailableException"}
+
+
+class _Strict(BaseModel):
+    # fields we do not implement (tools, guardrails, images) are refused by name, not ignored
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextBlock(_Strict):
+    text: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data):
+        if isinstance(data, dict) and "text" not in data:
+            raise ValueError(f"only text content blocks are supported, not {', '.join(data) or 'an empty block'}")
+        return data
+
+
+class Message(_Strict):
+    role: Literal["user", "assistant"]
+    content: list[TextBlock] = Field(min_length=1)
+
+
+class SystemBlock(_Strict):
+    text: str = Field(min_length=1)
+
+
+class InferenceConfig(_Strict):
+    maxTokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=1)] | None = None
+    topP: Annotated[float, Field(gt=0, le=1)] | None = None
+    stopSequences: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)] = []
+
+
+class ConverseRequest(_Strict):
+    messages: list[Message] = Field(min_length=1)
+    system: list[SystemBlock] = []
+    inferenceConfig: InferenceConfig = InferenceConfig()
+
+    def to_internal(self, request_id: str, model: str, stream: bool) -> GenerateRequest:
+        config = self.inferenceConfig
+        messages = [{"role": "system", "content": "\n".join(b.text for b in self.system)}] if self.system else []
+        messages += [{"role": m.role, "content": "".join(b.text for b in m.content)} for m in self.messages]
+        sampling = SamplingParams(
+            max_tokens=config.maxTokens or 1,
+            temperature=1.0 if config.temperature is None else config.temperature,
+            top_p=1.0 if config.topP is None else config.topP,
+            stop=list(config.stopSequences),
+        )
+        return GenerateRequest(request_id, model, sampling, messages=messages,
+                               max_tokens_given=config.maxTokens is not None, stream=stream)
+
+
+# responses ------------------------------------------------------------------------------------
+def stop_reason(out: RequestOutput) -> str:
+    if out.finish_reason == "length":
+        return "max_tokens"
+    return "stop_sequence" if isinstance(out.stop_reason, str) else "end_turn"
+
+
+def usage(out: RequestOutput) -> dict:
+    return {"inputTokens": out.num_prompt_tokens, "outputTokens": out.num_output_tokens,
+            "totalTokens": out.num_prompt_tokens + out.num_output_tokens}
+
+
+def elapsed_ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def converse_response(out: RequestOutput, started: float) -> dict:
+    return {
+        "output": {"message": {"role": "assistant", "content": [{"text": out.text}]}},
+        "stopReason": stop_reason(out),
+        "usage": usage(out),
+        "metrics": {"latencyMs": elapsed_ms(started)},
+    }
+
+
+def error_response(err: ConduitError) -> JSONResponse:
+    default = "ValidationException" if err.status < 500 else "InternalServerException"
+    error_type = ERROR_TYPES.get(err.status, default)
+    return JSONResponse({"message": err.message}, status_code=err.status, headers={"x-amzn-ErrorType": error_type})
+
+
+async def converse_events(stream, started: float):
+    """messageStart, one contentBlockDelta per engine delta, contentBlockStop, messageStop, metadata."""
+    yield eventstream.event("messageStart", {"role": "assistant"})
+    last = None
+    try:
+        async for _, out in stream:
+            if out.text:
+                yield eventstream.event("contentBlockDelta", {"delta": {"text": out.text}, "contentBlockIndex": 0})
+            last = out
+    except Exception as e:  # after the 200 the status is sent: an exception event is how Bedrock reports it
+        err = e if isinstance(e, ConduitError) else ConduitError(f"generation failed: {e}", 500)
+        yield eventstream.exception(STREAM_ERROR_TYPES.get(err.status, "internalServerException"), err.message)
+        return
+    finally:
+        await stream.aclose()
+    yield eventstream.event("contentBlockStop", {"contentBlockIndex": 0})
+    yield eventstream.event("messageStop", {"stopReason": stop_reason(last)})
+    yield eventstream.event("metadata", {"usage": usage(last), "metrics": {"latencyMs": elapsed_ms(started)}})
+
+
+# routes ---------------------------------------------------------------------------------------
+def routes(pipeline: Pipeline):
+    from app.api.server import Adapter, request_id
+
+    router = APIRouter()
+
+    @router.post("/model/{model_id:path}/converse")
+    async def converse(request: Request, model_id: str, body: ConverseRequest):
+        started = time.monotonic()
+        rid = request_id(request)
+        (out,) = await pipeline.complete(body.to_internal(rid, model_id, stream=False))
+        return JSONResponse(converse_response(out, started), headers={"x-amzn-RequestId": rid})
+
+    @router.post("/model/{model_id:path}/converse-stream")
+    async def converse_stream(request: Request, model_id: str, body: ConverseRequest):
+        started = time.monotonic()
+        rid = request_id(request)
+        stream = await pipeline.stream(body.to_internal(rid, model_id, stream=True))  # early errors get a status
+        return StreamingResponse(converse_events(stream, started), media_type="application/vnd.amazon.eventstream",
+                                 headers={"x-amzn-RequestId": rid})
+
+    return Adapter(router, error_response, prefixes=("/model/",))
