@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from app.api.errors import ConduitError
 from app.api.pipeline import Pipeline
@@ -42,13 +42,44 @@ class TextBlock(_Strict):
     cache_control: CacheControl | None = None
 
 
-def text_of(content: str | list[TextBlock]) -> str:
-    return content if isinstance(content, str) else "".join(block.text for block in content)
+BLOCK_TYPES = ("text",)
+
+
+def as_blocks(content: Any) -> Any:
+    """A string is shorthand for one text block; one list type keeps error paths plain
+    (`messages.0.content.0.text`) instead of naming union branches."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise ValueError("must be a string or a list of content blocks")
+    return content
+
+
+Content = Annotated[list[TextBlock], BeforeValidator(as_blocks, json_schema_input_type=str | list[TextBlock])]
+
+
+def text_of(content: list[TextBlock]) -> str:
+    return "".join(block.text for block in content)
+
+
+def unsupported(name: str, what: str) -> ConduitError:
+    return ConduitError(f"{name}: this server does not support {what}", param=name, code="unsupported_parameter")
+
+
+def refuse_unsupported_blocks(data: dict) -> None:
+    """Image, document, thinking... blocks get a 400 that says so, not a type mismatch."""
+    lists = [("system", data.get("system"))]
+    lists += [(f"messages.{i}.content", m.get("content")) for i, m in enumerate(data.get("messages") or [])
+              if isinstance(m, dict)]
+    for path, blocks in lists:
+        for j, block in enumerate(blocks if isinstance(blocks, list) else []):
+            if isinstance(block, dict) and block.get("type") not in BLOCK_TYPES:
+                raise unsupported(f"{path}.{j}", f"`{block.get('type')}` content blocks")
 
 
 class InputMessage(_Strict):
     role: Literal["user", "assistant", "system"]
-    content: str | list[TextBlock]
+    content: Content
 
 
 class Metadata(_Strict):
@@ -60,7 +91,7 @@ class _MessagesInput(_Strict):
 
     model: str = Field(min_length=1)
     messages: list[InputMessage] = Field(min_length=1)
-    system: str | list[TextBlock] | None = None
+    system: Content | None = None
     cache_control: CacheControl | None = None
 
     @model_validator(mode="before")
@@ -69,8 +100,8 @@ class _MessagesInput(_Strict):
         if isinstance(data, dict):
             for name in UNSUPPORTED_FIELDS:
                 if data.get(name) is not None:
-                    raise ConduitError(f"{name}: this server does not support `{name}`", param=name,
-                                       code="unsupported_parameter")
+                    raise unsupported(name, f"`{name}`")
+            refuse_unsupported_blocks(data)
         return data
 
     def chat_messages(self) -> list[dict]:
