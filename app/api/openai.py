@@ -240,12 +240,12 @@ def routes(pipeline: Pipeline):
 
     @router.get("/v1/models")
     async def list_models():
-        data = [model_card(model_id, name) for model_id, name in pipeline.models.ids.items()]
+        data = [model_card(model_id, name) for model_id, name in pipeline.served_ids().items()]
         return {"object": "list", "data": data}
 
     @router.get("/v1/models/{model:path}")
     async def get_model(model: str):
-        return model_card(model, pipeline.models.resolve(model))
+        return model_card(model, pipeline.resolve_any(model))
 
     @router.post("/tokenize")
     async def tokenize(request: Request, body: TokenizeRequest):

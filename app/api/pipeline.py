@@ -10,21 +10,39 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import numpy as np
+
 from app import access_log
+from app.api.errors import invalid
 from app.api.protocol import GenerateRequest, PreparedRequest
 from app.engine.engine import RequestOutput
+from deployments.router import ModelTable
 
 
 class Pipeline:
-    def __init__(self, tokenizer, models):
-        """`tokenizer`: the Tokenizer deployment's handle; `models`: a `ModelTable`."""
+    def __init__(self, tokenizer, models: ModelTable, embedders: ModelTable | None = None):
+        """`tokenizer`: the Tokenizer deployment's handle; `models`, `embedders`: the generative and the
+        embedding models' tables."""
         self.tokenizer = tokenizer
         self.models = models
+        self.embedders = embedders or ModelTable({}, {})
+
+    def served_ids(self) -> dict[str, str]:
+        """Every id a client may send (names and aliases, both kinds of model) -> model name."""
+        return {**self.models.ids, **self.embedders.ids}
+
+    def resolve_any(self, model: str) -> str:
+        return self.embedders.resolve(model) if model in self.embedders.ids else self.models.resolve(model)
+
+    def _generative(self, model: str) -> str:
+        if model in self.embedders.ids:
+            raise invalid(f"`{model}` is an embedding model; call /v1/embeddings with it", "model", "model_not_supported")
+        return self.models.resolve(model)
 
     async def prepare(self, req: GenerateRequest) -> list[PreparedRequest]:
         """Tokenize once; one engine sequence per choice (seeded choices get seed, seed+1, ...)."""
         started = time.monotonic()
-        req.model = self.models.resolve(req.model)
+        req.model = self._generative(req.model)
         prepared = await self.tokenizer.prepare.remote(req)
         access_log.tokenized(req.model, len(prepared.prompt_ids), time.monotonic() - started, req.messages or req.prompt)
         if req.n == 1:
@@ -60,12 +78,24 @@ class Pipeline:
 
     async def tokenize(self, req: GenerateRequest) -> tuple[list[int], int]:
         """(prompt token ids, the model's context window)."""
-        req.model = self.models.resolve(req.model)
+        req.model = self._generative(req.model)
         prepared = await self.tokenizer.prepare.remote(req)
         return prepared.prompt_ids, prepared.sampling.max_tokens + len(prepared.prompt_ids)
 
     async def detokenize(self, model: str, token_ids: list[int]) -> str:
-        return await self.tokenizer.detokenize.remote(self.models.resolve(model), token_ids)
+        return await self.tokenizer.detokenize.remote(self._generative(model), token_ids)
+
+    async def embed(
+        self, model: str, inputs: list[str] | list[list[int]], dimensions: int | None = None
+    ) -> tuple[np.ndarray, int]:
+        """(one unit vector per input, as an (n, d) float32 array; prompt tokens read). `inputs`:
+        texts, or token-id lists of the model's own tokenizer; `dimensions`: Matryoshka truncation."""
+        if model in self.models.ids:
+            raise invalid(f"`{model}` is a text-generation model, not an embedding model", "model", "model_not_supported")
+        name = self.embedders.resolve(model)
+        if not inputs or any(len(x) == 0 for x in inputs):
+            raise invalid("input must not be empty, nor hold an empty string or token list", "input")
+        return await self.embedders.handle(name).embed.remote(inputs, dimensions)
 
     async def max_model_len(self, model: str) -> int:
         return await self.tokenizer.max_model_len.remote(self.models.resolve(model))

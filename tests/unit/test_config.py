@@ -17,7 +17,8 @@ def test_shipped_serve_config_is_valid():
     config = parse_app_config(app["args"])
     names = {d["name"] for d in app["deployments"]}
     # every deployment override in the file names a deployment the builder really creates
-    assert names == {"Ingress", "Tokenizer", *(m.deployment_name for m in config.models)}
+    built = [*config.models, *config.embedding_models]
+    assert names == {"Ingress", "Tokenizer", *(m.deployment_name for m in built)}
 
 
 @pytest.mark.parametrize(
