@@ -50,6 +50,14 @@ class AccessRecord:
             out.update(prompt=self.prompt, output="".join(self.output_text))
         return out
 
+    def line(self, status: int) -> tuple[str, dict]:
+        """The access line's text (key=value, fields not known left out) and its fields."""
+        fields = self.fields(status)
+        text = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None and k not in ("prompt", "output"))
+        if self.log_prompts:
+            text += f" prompt={fields['prompt']!r} output={fields['output']!r}"
+        return text, fields
+
 
 def start(request, log_prompts: bool) -> AccessRecord:
     """Open the record of one HTTP request (a starlette Request whose request id is set)."""
@@ -115,8 +123,5 @@ def close_record(record: AccessRecord, status: int) -> None:
                         model_name=model, route=route)
     if route in UNLOGGED_ROUTES:
         return
-    fields = record.fields(status)
-    text = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None and k not in ("prompt", "output"))
-    if record.log_prompts:
-        text += f" prompt={fields['prompt']!r} output={fields['output']!r}"
+    text, fields = record.line(status)
     log.info("access %s", text, extra={"access": fields})
