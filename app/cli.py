@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 import yaml
 
+from app.auth import check_exposure
 from app.config import ConfigError, parse_app_config
 
 cli = typer.Typer(help="Conduit: LLM inference on Ray Serve.", no_args_is_help=True, add_completion=False)
@@ -22,9 +23,10 @@ def _load_apps(config_path: Path) -> list[dict]:
     raw = yaml.safe_load(config_path.read_text())
     ServeDeploySchema.model_validate(raw)
     apps = raw.get("applications", [])
+    host = (raw.get("http_options") or {}).get("host", "127.0.0.1")  # Serve's default
     for app in apps:
         if app.get("import_path", "").startswith("app.build:"):
-            parse_app_config(app.get("args") or {})
+            check_exposure(parse_app_config(app.get("args") or {}).auth, host)  # no keys: loopback only
     return apps
 
 

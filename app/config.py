@@ -36,6 +36,9 @@ class EngineConfig(Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads; default: the replica's num_cpus")
+    max_waiting: int = Field(
+        256, gt=0, description="requests waiting for a batch slot on one replica; more get 503 at once"
+    )
 
     def resolved(self, model_max_positions: int | None) -> EngineConfig:
         """A copy with every derived size filled in, once the model's own limits are known."""
@@ -138,6 +141,34 @@ class EmbeddingModelConfig(Strict):
 
 class IngressConfig(Strict):
     max_request_bytes: int = Field(1_000_000, gt=0, description="larger bodies get 413")
+    request_timeout_s: float = Field(
+        600, gt=0, description="deadline of one request; a client may ask for less (x-request-timeout header)"
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed (CORS); none: off")
+
+
+class AuthConfig(Strict):
+    """API keys, by reference only: the config never holds a key itself."""
+
+    api_keys_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="env var holding comma-separated API keys"
+    )
+    api_keys_file: str | None = Field(None, min_length=1, description="file of sha256 hex hashes of keys, one a line")
+    protect_health: bool = Field(False, description="/health and /metrics need a key too")
+    allow_unauthenticated: bool = Field(
+        False, description="serve a non-loopback host with no keys (only behind a gateway that authenticates)"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys_env or self.api_keys_file)
+
+
+class RateLimitConfig(Strict):
+    """Per API key, over the whole cluster, in fixed one-minute windows."""
+
+    requests_per_minute: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0, description="prompt + generated tokens")
 
 
 class LogConfig(Strict):
@@ -149,6 +180,8 @@ class AppConfig(Strict):
     models: list[ModelConfig] = Field(min_length=1)
     embedding_models: list[EmbeddingModelConfig] = Field(default_factory=list)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
     logging: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")

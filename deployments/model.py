@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import ray
 from ray import serve
 
-from app.api.errors import ConduitError
+from app.api.errors import ConduitError, unavailable
 from app.api.protocol import PreparedRequest
 from app.config import ModelConfig
 from app.engine.async_engine import AsyncEngine
@@ -49,6 +49,8 @@ class Model:
         log.info("model %s ready: %s", config.name, engine_config.model_dump())
 
     async def generate(self, request: PreparedRequest) -> AsyncIterator[RequestOutput]:
+        if self.engine.engine.stats().num_waiting >= self.config.max_waiting:  # bounded queue: fail fast
+            raise unavailable("The model's queue is full; retry shortly.", "server_overloaded")
         try:
             async for out in self.metrics.track(request.request_id, self.engine.generate(
                 request.request_id, request.prompt_ids, request.sampling, self.config.stream_interval_s

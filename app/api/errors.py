@@ -11,10 +11,12 @@ class ConduitError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,  # sent with the error response (e.g. Retry-After)
     ):
         # all in args, so it pickles across Ray with nothing lost
-        super().__init__(message, status, type, param, code)
+        super().__init__(message, status, type, param, code, headers)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.headers = headers or {}
 
     def __str__(self) -> str:
         return self.message
@@ -22,6 +24,11 @@ class ConduitError(Exception):
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> ConduitError:
     return ConduitError(message, 400, "invalid_request_error", param, code)
+
+
+def unavailable(message: str, code: str, retry_after_s: int = 1) -> ConduitError:
+    """503: the server cannot take this request now; the client may retry after a short wait."""
+    return ConduitError(message, 503, "server_error", None, code, {"retry-after": str(retry_after_s)})
 
 
 def model_not_found(model: str) -> ConduitError:

@@ -14,8 +14,10 @@ import numpy as np
 
 from app import access_log
 from app.api.errors import invalid
+from app.api.faults import bounded, bounded_iter
 from app.api.protocol import GenerateRequest, PreparedRequest
 from app.engine.engine import RequestOutput
+from app.limits import current_call
 from deployments.router import ModelTable
 
 
@@ -44,6 +46,7 @@ class Pipeline:
         started = time.monotonic()
         req.model = self._generative(req.model)
         prepared = await self.tokenizer.prepare.remote(req)
+        current_call.get().charge(len(prepared.prompt_ids))  # the key's tokens per minute
         access_log.tokenized(req.model, len(prepared.prompt_ids), time.monotonic() - started, req.messages or req.prompt)
         if req.n == 1:
             return [prepared]
@@ -56,25 +59,29 @@ class Pipeline:
 
     async def generate(self, prepared: PreparedRequest) -> AsyncIterator[RequestOutput]:
         stream = self.models.handle(prepared.model).options(stream=True).generate.remote(prepared)
+        out = None
         try:
             async for out in stream:
                 access_log.output(out)
                 yield out
         finally:
             stream.cancel()  # no-op once finished; frees the engine slot if the client went away
+            current_call.get().charge(out.num_output_tokens if out else 0)
 
     async def complete(self, req: GenerateRequest) -> list[RequestOutput]:
         """Every choice's whole output, in choice order."""
-        prepared = await self.prepare(req)
-        return list(await asyncio.gather(*(self._collect(p) for p in prepared)))
+        async with bounded():  # the call's deadline; Ray's failures become 503s
+            prepared = await self.prepare(req)
+            return list(await asyncio.gather(*(self._collect(p) for p in prepared)))
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every choice's deltas as they arrive, tagged with the choice index. The first item is
         awaited before this returns, so errors before the first token still get a status code."""
-        prepared = await self.prepare(req)
-        merged = interleave([self.generate(p) for p in prepared])
-        first = await anext(merged)
-        return _prepend(first, merged)
+        async with bounded():
+            prepared = await self.prepare(req)
+            merged = interleave([self.generate(p) for p in prepared])
+            first = await anext(merged)
+        return _prepend(first, bounded_iter(merged))
 
     async def tokenize(self, req: GenerateRequest) -> tuple[list[int], int]:
         """(prompt token ids, the model's context window)."""

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import access_log, metrics
 from app.api.errors import ConduitError
+from app.api.gate import Gate
 from app.api.pipeline import Pipeline
 from app.config import AppConfig
 
@@ -58,6 +60,7 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
         path = request.url.path
         adapter = next((a for a in adapters if path in a.paths or any(path.startswith(p) for p in a.prefixes)), default)
         response = adapter.error_response(err)
+        response.headers.update(getattr(err, "headers", None) or {})  # e.g. Retry-After
         return response
 
     api = FastAPI(title="Conduit", description="LLM inference on Ray Serve: OpenAI-compatible and more")
@@ -72,6 +75,8 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
     async def on_conduit_error(request: Request, exc: ConduitError):
         return error_response(request, exc)
 
+    # inside request_context (registered after it): API key, rate limits, deadline
+    api.middleware("http")(Gate.from_config(config).middleware(error_response))
     max_bytes = config.ingress.max_request_bytes
 
     # No x-request-id on responses here: Serve's proxy already echoes it on every response (the
@@ -87,6 +92,10 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
             return access_log.finish(record, request, error_response(request, err))
         response = await call_next(request)
         return access_log.finish(record, request, response)
+
+    if config.ingress.cors_origins:  # CORS stays off unless configured; outermost, so preflights need no key
+        api.add_middleware(CORSMiddleware, allow_origins=config.ingress.cors_origins,
+                           allow_methods=["*"], allow_headers=["*"], expose_headers=["*"])
 
     @api.get("/health")
     async def health():

@@ -1,0 +1,85 @@
+"""Admission of one HTTP call, before any route runs: its API key (401), its key's rate limits
+(429) and its deadline. The result travels to the Pipeline in `app.limits.current_call`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from functools import partial
+
+from fastapi import Request
+
+from app.api.errors import ConduitError, invalid
+from app.auth import OPEN_PATHS, KeyStore, check_exposure, describe, missing_or_wrong, presented_key, proxy_host
+from app.config import AppConfig
+from app.limits import Call, RateLimiter, counter_actor, current_call
+
+log = logging.getLogger("ray.serve")
+TIMEOUT_HEADER = "x-request-timeout"  # seconds; a client may shorten ingress.request_timeout_s
+ANONYMOUS = "anonymous"  # the one rate-limit bucket when no keys are configured
+
+
+class Gate:
+    def __init__(self, config: AppConfig, keys: KeyStore | None, limiter: RateLimiter | None):
+        self.config, self.keys, self.limiter = config, keys, limiter
+
+    @classmethod
+    def from_config(cls, config: AppConfig) -> Gate:
+        check_exposure(config.auth, proxy_host())  # refuses to start: no keys on a public host
+        keys = KeyStore.from_config(config.auth) if config.auth.enabled else None
+        log.info(describe(config.auth, keys or KeyStore([])))
+        limits = config.rate_limits
+        limiter = None
+        if limits.requests_per_minute or limits.tokens_per_minute:
+            counter = counter_actor()
+            limiter = RateLimiter(limits, lambda *args: counter.take.remote(*args))
+        return cls(config, keys, limiter)
+
+    def middleware(self, error_response):
+        """The ASGI middleware: refused calls get `error_response`, admitted ones run with their
+        `Call` in `current_call` and their rate-limit headers added."""
+
+        async def admit_call(request: Request, call_next):
+            try:
+                call, headers = await self.admit(request, asyncio.get_running_loop().time())
+            except ConduitError as err:
+                return error_response(request, err)
+            token = current_call.set(call)
+            try:
+                response = await call_next(request)
+            finally:
+                current_call.reset(token)
+            response.headers.update(headers)
+            return response
+
+        return admit_call
+
+    async def admit(self, request: Request, now: float) -> tuple[Call, dict[str, str]]:
+        """(the call's context, headers for its response); raises 401 / 429 / 400."""
+        path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))  # under a route prefix
+        if path in OPEN_PATHS and not self.config.auth.protect_health:
+            return Call(), {}
+        key = ANONYMOUS
+        if self.keys is not None:
+            presented = presented_key(request.headers)
+            key = self.keys.identify(presented)
+            if key is None:
+                raise missing_or_wrong(presented)
+        deadline = now + self.timeout(request.headers.get(TIMEOUT_HEADER))
+        if self.limiter is None or request.method != "POST":  # only work is rate-limited, not reads
+            return Call(deadline), {}
+        headers = await self.limiter.admit(key)
+        return Call(deadline, partial(self.limiter.charge, key)), headers
+
+    def timeout(self, asked: str | None) -> float:
+        limit = self.config.ingress.request_timeout_s
+        if asked is None:
+            return limit
+        try:
+            seconds = float(asked)
+        except ValueError:
+            seconds = math.nan
+        if not seconds > 0 or math.isinf(seconds):
+            raise invalid(f"Invalid value for '{TIMEOUT_HEADER}': a number of seconds > 0 is required", TIMEOUT_HEADER)
+        return min(seconds, limit)

@@ -1,0 +1,140 @@
+"""API keys. The config names where keys live (`auth.api_keys_env`: an environment variable of
+comma-separated keys; `auth.api_keys_file`: a file of sha256 hex digests, one a line) and never holds
+a key. Only digests are kept in memory and compared; a key is known in logs and rate limits by its
+`key_id`, a short prefix of its digest, never by itself."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+from pathlib import Path
+
+from app.api.errors import ConduitError
+from app.config import PROJECT_ROOT, AuthConfig, ConfigError
+
+KEY_HEADERS = ("authorization", "x-api-key", "api-key")  # OpenAI / Anthropic / Azure clients
+OPEN_PATHS = ("/health", "/metrics")  # open unless auth.protect_health
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def key_id(key_digest: bytes) -> str:
+    return key_digest.hex()[:12]
+
+
+class KeyStore:
+    def __init__(self, digests: list[bytes]):
+        self.digests = digests
+
+    @classmethod
+    def from_config(cls, auth: AuthConfig) -> KeyStore:
+        digests = []
+        if auth.api_keys_env:
+            keys = [k.strip() for k in os.environ.get(auth.api_keys_env, "").split(",") if k.strip()]
+            if not keys:
+                raise ConfigError(f"args.auth.api_keys_env: environment variable {auth.api_keys_env} is unset or empty")
+            digests += [digest(k) for k in keys]
+        if auth.api_keys_file:
+            digests += _read_digests(auth.api_keys_file)
+        return cls(digests)
+
+    def identify(self, presented: str | None) -> str | None:
+        """The presented key's id if it is one of ours, else None. Every stored digest is compared
+        in constant time, whichever matches, so timing tells nothing about the keys."""
+        if not presented:
+            return None
+        wanted = digest(presented)
+        match = None
+        for stored in self.digests:
+            if hmac.compare_digest(wanted, stored):
+                match = stored
+        return None if match is None else key_id(match)
+
+
+def _read_digests(path: str) -> list[bytes]:
+    file = Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
+    try:
+        lines = file.read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"args.auth.api_keys_file: cannot read {file}: {e.strerror}") from None
+    digests = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            value = bytes.fromhex(line)
+        except ValueError:
+            value = b""
+        if len(value) != 32:  # the line is not echoed: it might be a key pasted by mistake
+            raise ConfigError(f"args.auth.api_keys_file: line {number} of {file} is not a sha256 hex digest")
+        digests.append(value)
+    if not digests:
+        raise ConfigError(f"args.auth.api_keys_file: {file} holds no key digests")
+    return digests
+
+
+def presented_key(headers) -> str | None:
+    """The key from `Authorization: Bearer`, `x-api-key` or `api-key`, the first one present."""
+    for name in KEY_HEADERS:
+        value = headers.get(name)
+        if not value:
+            continue
+        if name == "authorization":
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() != "bearer":
+                continue
+            value = token
+        return value.strip()
+    return None
+
+
+def missing_or_wrong(presented: str | None) -> ConduitError:
+    problem = "Incorrect API key provided." if presented else "Missing API key."
+    return ConduitError(
+        f"{problem} Send it as `Authorization: Bearer KEY`, `x-api-key: KEY` or `api-key: KEY`.",
+        401, "authentication_error", None, "invalid_api_key",
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(auth: AuthConfig, host: str) -> None:
+    """Without API keys Conduit serves loopback only, unless the config says a gateway in front
+    authenticates (`auth.allow_unauthenticated`)."""
+    if not auth.enabled and not auth.allow_unauthenticated and not is_loopback(host):
+        raise ConfigError(
+            f"http_options.host is {host!r} but args.auth configures no API keys: anyone who can reach the "
+            "port could use the model. Set auth.api_keys_env or auth.api_keys_file, bind to 127.0.0.1, or "
+            "set auth.allow_unauthenticated: true when a gateway in front authenticates."
+        )
+
+
+def proxy_host() -> str:
+    """The host Serve's HTTP proxies bind (`http_options.host`), as the Serve controller has it."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    return ray.get(_get_global_client()._controller.get_http_config.remote(), timeout=30).host
+
+
+def describe(auth: AuthConfig, store: KeyStore) -> str:
+    """The start-up line: what protects this server (never a key or its digest)."""
+    if not auth.enabled:
+        extra = " (auth.allow_unauthenticated: a gateway in front must authenticate)" if auth.allow_unauthenticated else ""
+        return f"auth OFF: no API keys configured; serving loopback only{extra}"
+    sources = [f"env {auth.api_keys_env}" if auth.api_keys_env else "", auth.api_keys_file or ""]
+    health = "need a key" if auth.protect_health else "are open"
+    return (f"auth ON: {len(store.digests)} API key(s) from {', '.join(s for s in sources if s)}; "
+            f"/health and /metrics {health}")

@@ -1,0 +1,56 @@
+"""Second Serve applications beside the shared default one (own name and route prefix), for tests
+that need another config: API keys, small capacity. Deployment options (replicas, queue bounds,
+CPUs) are set as serve_config.yaml's `deployments:` would set them."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from ray import serve
+from ray.serve import Application
+
+from app.build import build_app
+
+LIGHT = {"ray_actor_options": {"num_cpus": 0.01}}  # logical CPUs only: these apps share the test cluster
+
+
+def with_options(app: Application, options: dict[str, dict]) -> Application:
+    """`app` with each deployment's options overridden by `options[name]` (and `options["*"]`)."""
+
+    def convert(value):
+        if isinstance(value, Application):
+            return with_options(value, options)
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(convert(v) for v in value)
+        return value
+
+    deployment = app._bound_deployment  # no public API overrides options inside a built app
+    overrides = {**options.get("*", {}), **options.get(deployment.name, {})}
+    return Application(deployment.options(
+        _init_args=tuple(convert(a) for a in deployment.init_args),
+        _init_kwargs={k: convert(v) for k, v in deployment.init_kwargs.items()},
+        **overrides,
+    ))
+
+
+def deploy(base: str, name: str, args: dict, options: dict[str, dict]) -> str:
+    """Run (or update) app `name` at route prefix /name; returns its base URL once it answers."""
+    serve.run(with_options(build_app(args), {"*": LIGHT, **options}), name=name, route_prefix=f"/{name}")
+    url = f"{base}/{name}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return url
+
+
+def model_args(model_path: str, model: str, **engine) -> dict:
+    return {"name": model, "source": model_path,
+            "engine": {"max_num_seqs": 4, "max_model_len": 256, "stream_interval_s": 0.005, **engine}}
