@@ -50,10 +50,11 @@ def validation_error(exc: RequestValidationError) -> ConduitError:
 
 
 def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
-    from app.api import anthropic, azure, bedrock, cloudflare, embeddings, openai, tgi  # adapters import server.Adapter
+    from app.api import anthropic, azure, bedrock, cloudflare, embeddings, openai, tgi, vertex  # adapters import server.Adapter
 
     adapters = [openai.routes(pipeline), anthropic.routes(pipeline), bedrock.routes(pipeline),
-                azure.routes(pipeline), tgi.routes(pipeline), cloudflare.routes(pipeline), embeddings.routes(pipeline)]
+                azure.routes(pipeline), tgi.routes(pipeline), cloudflare.routes(pipeline), embeddings.routes(pipeline),
+                vertex.routes(pipeline)]
     default = adapters[0]  # OpenAI's error shape wherever no other adapter claims the path
 
     def error_response(request: Request, err: ConduitError) -> Response:

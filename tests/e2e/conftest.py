@@ -1,5 +1,6 @@
 """One real local Ray cluster and Conduit app for the end-to-end tests (started once, ~15 s)."""
 
+import os
 import socket
 import time
 
@@ -17,6 +18,10 @@ PORT = free_port()  # several test runs may share this machine
 BASE = f"http://127.0.0.1:{PORT}"
 MODEL = "conduit-demo"
 SECOND_MODEL = "conduit-small"
+# Vertex's routes, read by the ingress replica from its environment (local Ray workers inherit the
+# driver's). The predict route is the public API's path, so the aiplatform client can call it directly.
+VERTEX_ENV = {"AIP_PREDICT_ROUTE": "/v1/projects/conduit/locations/local/endpoints/e2e:predict",
+              "AIP_HEALTH_ROUTE": "/v1/projects/conduit/locations/local/endpoints/e2e/health"}
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
@@ -49,6 +54,7 @@ def server(model_path):
 
     from app.build import build_app
 
+    os.environ.update(VERTEX_ENV)
     # metrics reach /metrics within half a second (Ray's default: every 10 s)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              _system_config={"metrics_report_interval_ms": 500})
