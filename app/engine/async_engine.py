@@ -54,11 +54,20 @@ class AsyncEngine:
             self._inbox.append(command)
         self._wake.set()
 
+    def flush_interval(self, min_interval: float, max_messages_per_s: float | None) -> float:
+        """How long a stream coalesces deltas before sending. Every message crosses Ray (and the
+        HTTP proxy) and costs CPU on both ends, so the replica's total message rate is capped: with
+        S open streams each waits at least S / max_messages_per_s, never less than `min_interval`."""
+        if not max_messages_per_s:
+            return min_interval
+        return max(min_interval, len(self._streams) / max_messages_per_s)
+
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, flush_interval: float = 0.0
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+        min_interval: float = 0.0, max_messages_per_s: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yields merged deltas, at most one per `flush_interval` (the first at once), the last with
-        `finished=True`. Closing the iterator early aborts the request and frees its KV blocks."""
+        """Yields merged deltas (the first at once, then at most one per `flush_interval()`), the last
+        with `finished=True`. Closing the iterator early aborts the request and frees its KV blocks."""
         self.ensure_started()
         if not self.alive:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
@@ -70,7 +79,7 @@ class AsyncEngine:
         try:
             while not finished:
                 out = _drain(await queue.get(), queue)
-                wait = last_flush + flush_interval - time.monotonic()
+                wait = last_flush + self.flush_interval(min_interval, max_messages_per_s) - time.monotonic()
                 if not out.finished and wait > 0:
                     await asyncio.sleep(wait)
                     out = _drain(out, queue)
