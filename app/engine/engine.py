@@ -40,7 +40,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     # only for requests that asked (SamplingParams.logprobs / prompt_logprobs), else None
     logprobs: list[TokenLogprobs] | None = None  # one per entry of token_ids
-    prompt_logprobs: list[TokenLogprobs | None] | None = None  # first output only; the first token's is None
+    prompt_logprobs: list[TokenLogprobs] | None = None  # first output only; the first token's logprob is None
     itl: list[float] = field(default_factory=list)  # seconds between successive tokens of this delta
     timings: RequestTimings | None = None  # on the finished output only (metrics)
 
@@ -102,6 +102,8 @@ class LLMEngine:
         if params.guided is not None:
             seq.matcher = self._guided_compiler().matcher(params.guided)
         if params.prompt_logprobs is not None:
+            if not isinstance(self.model, torch.nn.Module):  # tensor parallel: the weights are in the workers
+                raise ValueError("prompt log-probs are not supported with tensor parallelism")
             seq.prompt_logprobs = prompt_logprobs(self.model, prompt_ids, params.prompt_logprobs, self.token_names)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)

@@ -13,12 +13,19 @@ import xgrammar as xgr
 
 from app.engine.sampling_params import GuidedDecoding
 
-ANY_OBJECT = {"type": "object"}  # OpenAI's json_object: any JSON object
+_ANY_VALUE = {"anyOf": [
+    {"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
+    {"type": "array", "items": {"$ref": "#/$defs/value"}},
+    {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}},
+]}
+# OpenAI's json_object: any JSON object (spelled out, so that the bounds below apply inside it)
+ANY_OBJECT = {"$defs": {"value": _ANY_VALUE}, "type": "object", "additionalProperties": {"$ref": "#/$defs/value"}}
 # Bounds added where a schema sets none, so that a model stuck repeating itself inside a string,
 # a number or an array (the random demo model does) still closes its JSON in a bounded number of
 # tokens. Output stays valid for the schema as given: these only narrow it.
 MAX_STRING_CHARS = 256
 MAX_ARRAY_ITEMS = 64
+MAX_OPEN_PROPERTIES = 32  # properties of an object that allows ones its schema does not list
 MAX_INTEGER = 2**53 - 1  # JSON's safe-integer range
 MAX_NUMBER = 1e15
 
@@ -46,10 +53,7 @@ def bounded(schema):
     kind = schema.get("type")
     free = not ({"enum", "const"} & schema.keys())
     if kind == "string" and free and not ({"pattern", "format"} & schema.keys()):
-        # a pattern rather than maxLength: xgrammar's maxLength rule lets raw control characters
-        # through, which JSON forbids inside strings
-        low, high = out.pop("minLength", 0), out.pop("maxLength", MAX_STRING_CHARS)
-        out["pattern"] = f'^[^"\\\\\\x00-\\x1f]{{{low},{high}}}$'
+        out.setdefault("maxLength", MAX_STRING_CHARS)
     elif kind in ("integer", "number") and free:
         limit = MAX_INTEGER if kind == "integer" else MAX_NUMBER
         if not ({"minimum", "exclusiveMinimum"} & schema.keys()):
@@ -58,6 +62,9 @@ def bounded(schema):
             out["maximum"] = limit
     elif kind == "array" and "maxItems" not in schema:
         out["maxItems"] = MAX_ARRAY_ITEMS
+    elif kind == "object" and schema.get("additionalProperties") not in (None, False):
+        out.setdefault("maxProperties", MAX_OPEN_PROPERTIES)
+        out.setdefault("propertyNames", bounded({"type": "string"}))
     return out
 
 
@@ -69,6 +76,10 @@ class GuidedCompiler:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self.vocab_size = vocab_size
+        # Compact JSON never holds a raw control character, but xgrammar's bounded-string rule
+        # (maxLength) lets them through: such tokens are masked for every guided sequence.
+        self.control_tokens = torch.zeros(vocab_size, dtype=torch.bool)
+        self.control_tokens[[i for i, t in enumerate(info.decoded_vocab) if any(b < 0x20 for b in t)]] = True
         self.cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
         self.cache_size = cache_size
 
@@ -78,15 +89,14 @@ class GuidedCompiler:
         self.cache[key] = compiled  # most recently used last
         if len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
-        return GuidedMatcher(compiled, self.vocab_size)
+        return GuidedMatcher(compiled, self.vocab_size, self.control_tokens)
 
     def _compile(self, json_schema: dict | None) -> xgr.CompiledGrammar:
         # compact JSON (no free whitespace): a weak model could otherwise emit blanks for ever.
         # strict: no properties beyond the schema's; json_object (no schema) allows any.
-        schema = ANY_OBJECT if json_schema is None else bounded(json_schema)
         try:
-            return self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False,
-                                                     strict_mode=json_schema is not None)
+            return self.compiler.compile_json_schema(json.dumps(bounded(json_schema or ANY_OBJECT)),
+                                                     any_whitespace=False)
         except RuntimeError as e:
             raise ValueError(f"invalid JSON schema: {str(e).strip().splitlines()[-1]}") from None
 
@@ -95,14 +105,16 @@ class GuidedMatcher:
     """One sequence's position in its grammar. Stop tokens are allowed only where the grammar
     is complete, and accepting one terminates it."""
 
-    def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int):
+    def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int, forbidden: torch.Tensor):
         self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.forbidden = forbidden  # [vocab] bool: never allowed, whatever the grammar says
 
     def mask(self, logits: torch.Tensor) -> None:
         """logits: [1, vocab], edited in place: disallowed tokens get -inf."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
         xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device))
+        logits[:, : self.forbidden.shape[0]].masked_fill_(self.forbidden.to(logits.device), float("-inf"))
 
     def advance(self, token_id: int) -> None:
         if not self.matcher.accept_token(token_id):

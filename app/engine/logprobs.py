@@ -14,7 +14,7 @@ import torch
 class Logprob:
     token_id: int
     token: str  # the token decoded on its own (wire formats take its UTF-8 bytes from it)
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token: nothing precedes it
 
 
 @dataclass
@@ -53,9 +53,13 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int], na
     return result
 
 
-def prompt_logprobs(model, prompt_ids: list[int], k: int, names: TokenNames) -> list[TokenLogprobs | None]:
-    """Each prompt token scored given the ones before it (the first has no context: None).
-    One plain forward pass of the model, outside the KV cache, paid only by requests that ask."""
+def prompt_logprobs(model, prompt_ids: list[int], k: int, names: TokenNames) -> list[TokenLogprobs]:
+    """Each prompt token scored given the ones before it (the first, with nothing before it, has
+    logprob None). One plain forward pass of the model, outside the KV cache, paid only by the
+    requests that ask."""
+    first = TokenLogprobs(Logprob(prompt_ids[0], names(prompt_ids[0]), None))
+    if len(prompt_ids) == 1:
+        return [first]
     device = next(model.parameters()).device
     logits = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False).logits[0, :-1]
-    return [None, *token_logprobs(logits, prompt_ids[1:], [k] * (len(prompt_ids) - 1), names)] if len(prompt_ids) > 1 else [None]
+    return [first, *token_logprobs(logits, prompt_ids[1:], [k] * (len(prompt_ids) - 1), names)]

@@ -60,7 +60,8 @@ def test_output_and_prompt_logprobs_match_a_forward_pass(hf_model):
         row = ref[n - 1 + j]  # raw log-softmax: penalties and temperature do not change it
         assert lp.chosen.token_id == token and lp.chosen.logprob == pytest.approx(float(row[token]), abs=1e-4)
         assert [t.token_id for t in lp.top] == row.topk(3).indices.tolist()
-    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == n
+    first = out.prompt_logprobs[0].chosen
+    assert (first.token_id, first.logprob) == (prompt[0], None) and len(out.prompt_logprobs) == n
     for j in range(1, n):
         entry = out.prompt_logprobs[j]
         assert entry.chosen.token_id == prompt[j]
@@ -96,7 +97,7 @@ def test_bounded_only_narrows():
     schema = {"type": "object", "properties": {"s": {"type": "string"}, "e": {"type": "string", "enum": ["x"]},
                                                "n": {"type": "integer", "minimum": 3}, "l": {"type": "array"}}}
     props = bounded(schema)["properties"]
-    assert props["s"]["pattern"].endswith("{0,256}$") and "pattern" not in props["e"]
+    assert props["s"]["maxLength"] == 256 and "maxLength" not in props["e"]
     assert props["n"]["minimum"] == 3 and props["n"]["maximum"] == 2**53 - 1
     assert props["l"]["maxItems"] == 64 and "maxItems" not in schema["properties"]["l"]
 
