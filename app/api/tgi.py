@@ -9,28 +9,52 @@ reported in `details.seed`. Like TGI, `generated_text` includes the stop sequenc
 
 Token events: the engine coalesces tokens into deltas, so the text of a delta rides on its last
 token and the others carry "" (concatenating `token.text` always gives `generated_text`); ids and
-log-probs are per token."""
+log-probs (the model's raw log-softmax) are per token. `top_n_tokens` and `decoder_input_details`
+(`details.prefill`) come from the engine's log-probs, and a `json` grammar is guided decoding."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.errors import ConduitError
+from app.api.errors import ConduitError, invalid
 from app.api.openai import sse
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
 from app.engine.engine import RequestOutput
-from app.engine.sampling_params import SamplingParams
+from app.engine.logprobs import Logprob
+from app.engine.sampling_params import GuidedDecoding, SamplingParams
 
 MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when the field is absent (null: the rest of the window)
-UNSUPPORTED = ("adapter_id", "grammar", "top_n_tokens", "truncate", "typical_p")
+MAX_TOP_N_TOKENS = 5  # TGI's default --max-top-n-tokens
+UNSUPPORTED = ("adapter_id", "truncate", "typical_p")
+
+
+class Grammar(BaseModel):
+    """TGI's constrained output: JSON for a schema (guided decoding); regex is not implemented."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json", "json_object", "regex"]
+    value: dict | str
+
+    def guided(self) -> GuidedDecoding:
+        if self.type == "regex":
+            raise invalid("grammar of type `regex` is not supported by this server; use `json`", "grammar")
+        from app.engine.guided import check_schema  # xgrammar loads only when a grammar is sent
+
+        schema = json.loads(self.value) if isinstance(self.value, str) else self.value
+        try:
+            check_schema(schema)
+        except ValueError as e:
+            raise invalid(f"grammar: {e}", "grammar") from None
+        return GuidedDecoding(schema)
 
 
 class Parameters(BaseModel):
@@ -46,21 +70,21 @@ class Parameters(BaseModel):
     seed: Annotated[int, Field(ge=0)] | None = None
     do_sample: bool = False
     details: bool = False
-    decoder_input_details: bool = False
+    decoder_input_details: bool = False  # the prompt's tokens and log-probs in `details.prefill`
+    top_n_tokens: Annotated[int, Field(ge=0, le=MAX_TOP_N_TOKENS)] | None = None
+    grammar: Grammar | None = None
     return_full_text: bool | None = False
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None  # several sequences per request: not here
     watermark: bool = False
     # TGI parameters Conduit does not implement: refused by name rather than ignored
     adapter_id: Any = None
-    grammar: Any = None
-    top_n_tokens: Any = None
     truncate: Any = None
     typical_p: Any = None
 
     @model_validator(mode="after")
     def _supported(self) -> Parameters:
         given = [name for name in UNSUPPORTED if getattr(self, name) is not None]
-        given += ["watermark"] * self.watermark + ["decoder_input_details"] * self.decoder_input_details
+        given += ["watermark"] * self.watermark
         if given:
             raise ValueError(f"`{given[0]}` is not supported by this server")
         return self
@@ -70,7 +94,7 @@ class Parameters(BaseModel):
         warped = (self.temperature not in (None, 1.0)) or self.top_k is not None or self.top_p is not None
         return self.do_sample or warped
 
-    def sampling(self, with_logprobs: bool) -> SamplingParams:
+    def sampling(self, stream: bool) -> SamplingParams:
         seed = None
         if self.sampled:
             seed = self.seed if self.seed is not None else random.getrandbits(63)
@@ -83,7 +107,10 @@ class Parameters(BaseModel):
             repetition_penalty=self.repetition_penalty or 1.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             stop=list(self.stop),
-            logprobs=0 if with_logprobs else None,
+            # every streamed token and every `details` token carries its log-prob
+            logprobs=(self.top_n_tokens or 0) if stream or self.details or self.top_n_tokens else None,
+            prompt_logprobs=0 if self.decoder_input_details else None,
+            guided=self.grammar.guided() if self.grammar else None,
         )
 
 
@@ -97,10 +124,13 @@ class GenerateBody(BaseModel):
 
     def to_internal(self, request_id: str, model: str, stream: bool) -> GenerateRequest:
         p = self.parameters
+        if stream and p.decoder_input_details:
+            raise invalid("`decoder_input_details` == true is not supported when streaming tokens",
+                          "decoder_input_details")
         return GenerateRequest(
             request_id=request_id,
             model=model,
-            sampling=p.sampling(with_logprobs=stream or p.details),
+            sampling=p.sampling(stream),
             prompt=self.inputs,
             max_tokens_given=p.max_new_tokens is not None,
             stream=stream,
@@ -131,20 +161,29 @@ def delta_text(out: RequestOutput) -> str:
     return out.text + out.stop_reason if ended_by_stop else out.text
 
 
-def delta_tokens(out: RequestOutput, text: str) -> list[dict]:
-    """TGI's token objects for one engine delta; an EOS that ended it is a special token."""
+def standalone(lp: Logprob) -> dict:
+    """A token decoded on its own, as TGI gives prefill and top tokens."""
+    return {"id": lp.token_id, "text": lp.token, "logprob": lp.logprob}
+
+
+def delta_tokens(out: RequestOutput, text: str) -> list[tuple[dict, list[dict]]]:
+    """(TGI's token object, its top alternatives) for each token of one engine delta; an EOS that
+    ended it is a special token (the tokenizer's other special ids are not known here)."""
     ends_with_eos = out.finished and finish_reason(out) == "eos_token"
     last = len(out.token_ids) - 1
     carrier = last - 1 if ends_with_eos and last > 0 else last  # the token that carries the text
-    return [
-        {
+    entries = out.logprobs or [None] * len(out.token_ids)
+    tokens = []
+    for i, (token_id, entry) in enumerate(zip(out.token_ids, entries)):
+        token = {
             "id": token_id,
             "text": text if i == carrier else "",
-            "logprob": out.logprobs[i].chosen.logprob if out.logprobs else None,
+            "logprob": entry.chosen.logprob if entry else None,
             "special": ends_with_eos and i == last,
         }
-        for i, token_id in enumerate(out.token_ids)
-    ]
+        top = [{**standalone(t), "special": False} for t in entry.top] if entry else []
+        tokens.append((token, top))
+    return tokens
 
 
 def details(out: RequestOutput, seed: int | None) -> dict:
@@ -153,36 +192,42 @@ def details(out: RequestOutput, seed: int | None) -> dict:
 
 async def generate_whole(stream, body: GenerateBody, seed: int | None) -> tuple[dict, RequestOutput]:
     """(TGI's /generate answer, the last delta) from the engine's deltas."""
-    text, tokens, last = "", [], None
+    p = body.parameters
+    text, tokens, first, last = "", [], None, None
     async for _, out in stream:
         delta = delta_text(out)
         text += delta
         tokens += delta_tokens(out, delta)
-        last = out
-    if body.parameters.return_full_text:
-        text = body.inputs + text
-    answer = {"generated_text": text}
-    if body.parameters.details:
-        answer["details"] = {**details(last, seed), "prefill": [], "tokens": tokens, "best_of_sequences": None}
+        first, last = first or out, out
+    answer = {"generated_text": body.inputs + text if p.return_full_text else text}
+    if p.details:
+        prefill = [standalone(e.chosen) for e in first.prompt_logprobs] if p.decoder_input_details else []
+        answer["details"] = {**details(last, seed), "prefill": prefill, "tokens": [t for t, _ in tokens],
+                             "best_of_sequences": None}
+        if p.top_n_tokens:
+            answer["details"]["top_tokens"] = [top for _, top in tokens]
     return answer, last
 
 
 async def token_events(stream, body: GenerateBody, seed: int | None) -> AsyncIterator[str]:
     """TGI's SSE: one event per token; the last also carries `generated_text` (and `details`)."""
-    generated = body.inputs if body.parameters.return_full_text else ""
+    p = body.parameters
+    generated = body.inputs if p.return_full_text else ""
     index = 0
     try:
         async for _, out in stream:
             delta = delta_text(out)
             generated += delta
             tokens = delta_tokens(out, delta)
-            for i, token in enumerate(tokens):
+            for i, (token, top) in enumerate(tokens):
                 index += 1
                 final = out.finished and i == len(tokens) - 1
                 event = {"index": index, "token": token, "generated_text": None, "details": None}
+                if p.top_n_tokens:
+                    event["top_tokens"] = top
                 if final:
                     event["generated_text"] = generated
-                    if body.parameters.details:
+                    if p.details:
                         event["details"] = {**details(out, seed), "input_length": out.num_prompt_tokens}
                 yield sse(event)
     except Exception as e:  # after the 200 the status is sent: TGI reports errors as an event

@@ -1,7 +1,10 @@
 """Hugging Face TGI's routes through the official `huggingface_hub.InferenceClient`: greedy text
 must equal the OpenAI completions route's (one engine), and details/stream events must agree."""
 
+import json
+
 import httpx
+import jsonschema
 import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError
@@ -79,6 +82,25 @@ def test_seeded_sampling_is_reproducible(hf):
     assert isinstance(unseeded.details.seed, int)  # a warper means sampling: a seed is drawn and reported
 
 
+def test_prefill_and_top_tokens(hf, server):
+    out = hf.text_generation(PROMPT, max_new_tokens=6, details=True, decoder_input_details=True, top_n_tokens=3)
+    prompt_ids = httpx.post(f"{server}/tokenize", json={"model": MODEL, "prompt": PROMPT}).json()["tokens"]
+    prefill = out.details.prefill
+    assert [t.id for t in prefill] == prompt_ids
+    assert prefill[0].logprob is None and all(t.logprob <= 0 for t in prefill[1:])
+    assert len(out.details.top_tokens) == len(out.details.tokens)
+    for token, top in zip(out.details.tokens, out.details.top_tokens):  # the client leaves these as dicts
+        assert len(top) == 3 and top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"]
+        assert (top[0]["id"], top[0]["logprob"]) == (token.id, token.logprob)  # greedy picks the best
+
+
+def test_json_grammar(hf):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    text = hf.text_generation(PROMPT, max_new_tokens=60, grammar={"type": "json", "value": schema})
+    jsonschema.validate(json.loads(text), schema)
+
+
 def test_chat_completion_reaches_openai_route(hf, client):
     messages = [{"role": "user", "content": "alpha beta"}]
     got = hf.chat_completion(messages, model=MODEL, max_tokens=8, temperature=0)
@@ -90,7 +112,9 @@ def test_chat_completion_reaches_openai_route(hf, client):
 @pytest.mark.parametrize("params, field", [
     ({"temperature": 0.0}, "temperature"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"top_n_tokens": 2}, "top_n_tokens"),
+    ({"top_n_tokens": 9}, "top_n_tokens"),
+    ({"grammar": {"type": "regex", "value": "[a-z]+"}}, "regex"),
+    ({"typical_p": 0.5}, "typical_p"),
 ])
 def test_validation_errors(hf, params, field):
     with pytest.raises(ValidationError, match=field):
