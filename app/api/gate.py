@@ -20,6 +20,11 @@ TIMEOUT_HEADER = "x-request-timeout"  # seconds; a client may shorten ingress.re
 ANONYMOUS = "anonymous"  # the one rate-limit bucket when no keys are configured
 
 
+def route_path(request: Request) -> str:
+    """The path as the app's routes see it: without the application's route prefix."""
+    return request.scope["path"].removeprefix(request.scope.get("root_path", ""))
+
+
 class Gate:
     def __init__(self, config: AppConfig, keys: KeyStore | None, limiter: RateLimiter | None):
         self.config, self.keys, self.limiter = config, keys, limiter
@@ -57,8 +62,7 @@ class Gate:
 
     async def admit(self, request: Request, now: float) -> tuple[Call, dict[str, str]]:
         """(the call's context, headers for its response); raises 401 / 429 / 400."""
-        path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))  # under a route prefix
-        if path in OPEN_PATHS and not self.config.auth.protect_health:
+        if route_path(request) in OPEN_PATHS and not self.config.auth.protect_health:
             return Call(), {}
         key = ANONYMOUS
         if self.keys is not None:

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import access_log, metrics
 from app.api.errors import ConduitError
+from app.api.gate import Gate, route_path
 from app.api.gate import Gate
 from app.api.pipeline import Pipeline
 from app.config import AppConfig
@@ -58,7 +59,7 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
     default = adapters[0]  # OpenAI's error shape wherever no other adapter claims the path
 
     def error_response(request: Request, err: ConduitError) -> Response:
-        path = request.url.path
+        path = route_path(request)
         adapter = next((a for a in adapters if path in a.paths or any(path.startswith(p) for p in a.prefixes)), default)
         response = adapter.error_response(err)
         response.headers.update(getattr(err, "headers", None) or {})  # e.g. Retry-After

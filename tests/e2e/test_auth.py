@@ -20,6 +20,7 @@ MODEL = "keyed-demo"
 RPM = 40
 KEY_A, KEY_B = (f"sk-conduit-test-{secrets.token_hex(12)}" for _ in range(2))
 WRONG_KEY = f"sk-wrong-{secrets.token_hex(12)}"
+ORIGIN = "https://app.example"
 HEADER_FORMS = [lambda k: {"authorization": f"Bearer {k}"}, lambda k: {"x-api-key": k}, lambda k: {"api-key": k}]
 
 
@@ -31,8 +32,11 @@ def keyed(server, model_path, tmp_path_factory):
     keys_file.write_text("".join(hashlib.sha256(k.encode()).hexdigest() + "\n" for k in (KEY_A, KEY_B)))
     args = {"models": [model_args(model_path, MODEL)],
             "auth": {"api_keys_file": str(keys_file)},
-            "rate_limits": {"requests_per_minute": RPM}}
-    yield deploy(server, APP, args, {"Ingress": {"num_replicas": 2}})
+            "rate_limits": {"requests_per_minute": RPM},
+            "ingress": {"cors_origins": [ORIGIN]}}
+    # unbuffered replica logs (RAY_SERVE_THROUGHPUT_OPTIMIZED buffers 1000 lines), so the test can read them
+    unbuffered = {"num_cpus": 0.01, "runtime_env": {"env_vars": {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}}}
+    yield deploy(server, APP, args, {"Ingress": {"num_replicas": 2, "ray_actor_options": unbuffered}})
     serve.delete(APP)
 
 
@@ -61,7 +65,9 @@ def test_every_route_needs_a_key(keyed):
             for headers in [{}] + [form(WRONG_KEY) for form in HEADER_FORMS]:
                 r = http.request(method, path, headers=headers, json={})
                 assert r.status_code == 401, (method, path, headers.keys(), r.text)
-                if path.startswith("/v1/") and not path.startswith("/v1/messages"):
+                if path.startswith("/v1/messages"):  # Anthropic's shape on Anthropic's routes
+                    assert r.json()["type"] == "error" and r.json()["error"]["type"] == "authentication_error"
+                elif path in ("/v1/chat/completions", "/v1/completions", "/v1/models"):  # OpenAI's
                     assert r.json()["error"]["type"] == "authentication_error"
             ok = http.request(method, path, headers=HEADER_FORMS[0](KEY_A), json={})
             assert ok.status_code != 401, (method, path)
@@ -74,6 +80,17 @@ def test_valid_key_in_each_header_form(keyed):
             for method, path, body in valid_calls():
                 r = http.request(method, path, headers=form(KEY_A), json=body)
                 assert r.status_code == 200, (method, path, r.text)
+
+
+def test_cors_only_where_configured(keyed, server):
+    preflight = {"origin": ORIGIN, "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization,content-type"}
+    allowed = httpx.options(f"{keyed}/v1/chat/completions", headers=preflight)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ORIGIN
+    other = httpx.options(f"{keyed}/v1/chat/completions", headers={**preflight, "origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    default_app = httpx.options(f"{server}/v1/chat/completions", headers=preflight)  # no cors_origins there
+    assert "access-control-allow-origin" not in default_app.headers
 
 
 def test_openai_sdk_with_and_without_key(keyed):

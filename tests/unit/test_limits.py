@@ -142,3 +142,63 @@ def test_no_keys_means_loopback_only():
     check_exposure(AuthConfig(allow_unauthenticated=True), "0.0.0.0")
     with pytest.raises(ConfigError, match="http_options.host"):
         check_exposure(AuthConfig(), "0.0.0.0")
+
+
+def test_conduit_validate_refuses_a_public_host_without_keys(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+    from app.config import PROJECT_ROOT
+
+    raw = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    raw["http_options"]["host"] = "0.0.0.0"
+    path = tmp_path / "public.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    refused = CliRunner().invoke(cli, ["validate", str(path)])
+    assert refused.exit_code == 1 and "args.auth configures no API keys" in refused.output
+    raw["applications"][0]["args"]["auth"] = {"api_keys_env": "CONDUIT_API_KEYS"}
+    path.write_text(yaml.safe_dump(raw))
+    assert CliRunner().invoke(cli, ["validate", str(path)]).exit_code == 0
+
+
+def http_request(path: str, headers: dict, method: str = "POST", root_path: str = ""):
+    from starlette.requests import Request
+
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "method": method, "path": root_path + path, "root_path": root_path,
+                    "headers": raw, "query_string": b""})
+
+
+def test_gate_keys_open_paths_and_deadlines():
+    from app.api.gate import Gate
+    from app.config import parse_app_config
+
+    store = KeyStore([hashlib.sha256(b"good").digest()])
+
+    def gate(**auth):
+        config = parse_app_config({"models": [{"name": "m", "source": "x"}], "auth": {"api_keys_env": "K", **auth},
+                                   "ingress": {"request_timeout_s": 30}})
+        return Gate(config, store, None)
+
+    async def run():
+        call, _ = await gate().admit(http_request("/health", {}, "GET", root_path="/app"), now=100)
+        assert call.deadline is None  # open: no key needed
+        with pytest.raises(ConduitError) as e:
+            await gate(protect_health=True).admit(http_request("/health", {}, "GET"), now=100)
+        assert e.value.status == 401 and e.value.message.startswith("Missing API key")
+        with pytest.raises(ConduitError) as e:
+            await gate().admit(http_request("/v1/completions", {"x-api-key": "bad"}), now=100)
+        assert e.value.status == 401 and e.value.message.startswith("Incorrect API key")
+        ok = {"authorization": "Bearer good"}
+        assert (await gate().admit(http_request("/v1/completions", ok), now=100))[0].deadline == 130
+        shorter = {**ok, "x-request-timeout": "2.5"}
+        assert (await gate().admit(http_request("/v1/completions", shorter), now=100))[0].deadline == 102.5
+        longer = {**ok, "x-request-timeout": "999"}  # a client may ask for less, never more
+        assert (await gate().admit(http_request("/v1/completions", longer), now=100))[0].deadline == 130
+        for bad in ("0", "-1", "nan", "inf", "soon"):
+            with pytest.raises(ConduitError) as e:
+                await gate().admit(http_request("/v1/completions", {**ok, "x-request-timeout": bad}), now=100)
+            assert e.value.status == 400 and e.value.param == "x-request-timeout"
+
+    asyncio.run(run())
