@@ -139,8 +139,23 @@ class EmbeddingModelConfig(Strict):
         return resolve_source(self.source)
 
 
+class InputLimits(Strict):
+    """Caps on what one request may ask for, in every wire format; beyond them a 400 names the field.
+    The defaults are OpenAI's own limits where it has one."""
+
+    max_messages: int = Field(2048, gt=0, description="messages in one chat request")
+    max_n: int = Field(16, gt=0, le=1024, description="choices per request (`n`)")
+    max_tokens: int = Field(32_768, gt=0, description="tokens one choice may generate; also caps an unset max_tokens")
+    max_stop_sequences: int = Field(16, ge=0, description="stop strings per request")
+    max_stop_length: int = Field(256, gt=0, description="characters in one stop string")
+    max_top_logprobs: int = Field(20, ge=0, description="alternatives per token (`top_logprobs`, `logprobs`)")
+    max_tools: int = Field(128, ge=0, description="tools offered in one request")
+    max_embedding_inputs: int = Field(2048, gt=0, description="inputs in one embeddings request")
+
+
 class IngressConfig(Strict):
     max_request_bytes: int = Field(1_000_000, gt=0, description="larger bodies get 413")
+    input_limits: InputLimits = Field(default_factory=InputLimits)
     request_timeout_s: float = Field(
         600, gt=0, description="deadline of one request; a client may ask for less (x-request-timeout header)"
     )

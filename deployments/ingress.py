@@ -25,6 +25,7 @@ class Ingress:
             tokenizer,
             ModelTable({m.name: m.aliases for m in config.models}, models),
             embedders=ModelTable({m.name: m.aliases for m in config.embedding_models}, embedders or {}),
+            limits=config.ingress.input_limits,
         )
 
     def __serve_build_asgi_app__(self):

@@ -69,8 +69,8 @@ def unsupported(name: str, what: str) -> ConduitError:
 def refuse_unsupported_blocks(data: dict) -> None:
     """Image, document, thinking... blocks get a 400 that says so, not a type mismatch."""
     lists = [("system", data.get("system"))]
-    lists += [(f"messages.{i}.content", m.get("content")) for i, m in enumerate(data.get("messages") or [])
-              if isinstance(m, dict)]
+    messages = data.get("messages") if isinstance(data.get("messages"), list) else []  # else pydantic says why
+    lists += [(f"messages.{i}.content", m.get("content")) for i, m in enumerate(messages) if isinstance(m, dict)]
     for path, blocks in lists:
         for j, block in enumerate(blocks if isinstance(blocks, list) else []):
             if isinstance(block, dict) and block.get("type") not in BLOCK_TYPES:

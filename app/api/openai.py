@@ -17,8 +17,6 @@ from app.api.protocol import GenerateRequest
 from app.engine.engine import RequestOutput
 from app.engine.sampling_params import SamplingParams
 
-MAX_STOP = 16
-
 
 class _Request(BaseModel):
     # unknown fields are refused (400 naming them) rather than silently ignored
@@ -28,10 +26,10 @@ class _Request(BaseModel):
     max_tokens: Annotated[int, Field(gt=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=16)] = 1
+    n: Annotated[int, Field(ge=1)] = 1  # caps on n, stop, ...: ingress.input_limits, in the Pipeline
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0

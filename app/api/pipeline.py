@@ -15,19 +15,23 @@ import numpy as np
 from app import access_log
 from app.api.errors import invalid
 from app.api.faults import bounded, bounded_iter
+from app.api.input_limits import check_embedding_inputs, check_generate
 from app.api.protocol import GenerateRequest, PreparedRequest
+from app.config import InputLimits
 from app.engine.engine import RequestOutput
 from app.limits import current_call
 from deployments.router import ModelTable
 
 
 class Pipeline:
-    def __init__(self, tokenizer, models: ModelTable, embedders: ModelTable | None = None):
+    def __init__(self, tokenizer, models: ModelTable, embedders: ModelTable | None = None,
+                 limits: InputLimits | None = None):
         """`tokenizer`: the Tokenizer deployment's handle; `models`, `embedders`: the generative and the
-        embedding models' tables."""
+        embedding models' tables; `limits`: caps on what one request may ask for."""
         self.tokenizer = tokenizer
         self.models = models
         self.embedders = embedders or ModelTable({}, {})
+        self.limits = limits or InputLimits()
 
     def served_ids(self) -> dict[str, str]:
         """Every id a client may send (names and aliases, both kinds of model) -> model name."""
@@ -43,11 +47,14 @@ class Pipeline:
 
     async def prepare(self, req: GenerateRequest) -> list[PreparedRequest]:
         """Tokenize once; one engine sequence per choice (seeded choices get seed, seed+1, ...)."""
+        check_generate(req, self.limits)
         started = time.monotonic()
         req.model = self._generative(req.model)
         prepared = await self.tokenizer.prepare.remote(req)
         current_call.get().charge(len(prepared.prompt_ids))  # the key's tokens per minute
         access_log.tokenized(req.model, len(prepared.prompt_ids), time.monotonic() - started, req.messages or req.prompt)
+        if not req.max_tokens_given:  # the rest of the context window, within the cap
+            prepared.sampling.max_tokens = min(prepared.sampling.max_tokens, self.limits.max_tokens)
         if req.n == 1:
             return [prepared]
         seed = prepared.sampling.seed
@@ -85,6 +92,7 @@ class Pipeline:
 
     async def tokenize(self, req: GenerateRequest) -> tuple[list[int], int]:
         """(prompt token ids, the model's context window)."""
+        check_generate(req, self.limits)
         req.model = self._generative(req.model)
         prepared = await self.tokenizer.prepare.remote(req)
         return prepared.prompt_ids, prepared.sampling.max_tokens + len(prepared.prompt_ids)
@@ -102,6 +110,7 @@ class Pipeline:
         name = self.embedders.resolve(model)
         if not inputs or any(len(x) == 0 for x in inputs):
             raise invalid("input must not be empty, nor hold an empty string or token list", "input")
+        check_embedding_inputs(len(inputs), self.limits)
         return await self.embedders.handle(name).embed.remote(inputs, dimensions)
 
     async def max_model_len(self, model: str) -> int:

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app import access_log, metrics
 from app.api.errors import ConduitError
 from app.api.gate import Gate, route_path
+from app.api.input_limits import BodyGuard
 from app.api.gate import Gate
 from app.api.pipeline import Pipeline
 from app.config import AppConfig
@@ -77,6 +78,8 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
     async def on_conduit_error(request: Request, exc: ConduitError):
         return error_response(request, exc)
 
+    # innermost, after the key is checked: reads the body (bounded) and refuses unusable JSON text
+    api.add_middleware(BodyGuard, max_bytes=config.ingress.max_request_bytes, reject=error_response)
     # inside request_context (registered after it): API key, rate limits, deadline
     api.middleware("http")(Gate.from_config(config).middleware(error_response))
     max_bytes = config.ingress.max_request_bytes

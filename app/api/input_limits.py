@@ -1,0 +1,112 @@
+"""Input limits: the caps of `ingress.input_limits`, checked in the `Pipeline` so that every wire
+format gets them, and `BodyGuard`, which every POST body passes before its route."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api.errors import ConduitError, invalid
+from app.api.protocol import GenerateRequest
+from app.config import InputLimits
+
+
+def check_generate(req: GenerateRequest, limits: InputLimits) -> None:
+    """400 naming the field (OpenAI's name for it) when a generation request asks for too much."""
+    _at_most(len(req.messages or ()), limits.max_messages, "messages", "messages")
+    _at_most(req.n, limits.max_n, "n", "choices")
+    if req.max_tokens_given:
+        _at_most(req.sampling.max_tokens, limits.max_tokens, "max_tokens", "tokens to generate")
+    stop = req.sampling.stop
+    _at_most(len(stop), limits.max_stop_sequences, "stop", "stop sequences")
+    for text in stop:
+        if not 0 < len(text) <= limits.max_stop_length:
+            raise invalid(f"stop: each stop sequence must be non-empty and at most {limits.max_stop_length} characters",
+                          "stop")
+    logprobs_param = "top_logprobs" if req.messages is not None else "logprobs"
+    for alternatives in (req.sampling.logprobs, req.sampling.prompt_logprobs):
+        if alternatives is not None:
+            _at_most(alternatives, limits.max_top_logprobs, logprobs_param, "alternatives per token")
+    _at_most(len(req.tools), limits.max_tools, "tools", "tools")
+
+
+def check_embedding_inputs(count: int, limits: InputLimits) -> None:
+    _at_most(count, limits.max_embedding_inputs, "input", "inputs")
+
+
+def _at_most(value: int, cap: int, param: str, what: str) -> None:
+    if value > cap:
+        raise invalid(f"{param}: at most {cap} {what} per request (this server's ingress.input_limits); got {value}",
+                      param)
+
+
+# `\uD800`-`\uDFFF` escapes: JSON allows them, but an unpaired one is no Unicode text at all
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+class BodyGuard:
+    """ASGI middleware: reads a request body before its route does, at most `max_bytes` of it (413
+    beyond, also for a chunked body that announced no length), and refuses JSON holding an unpaired
+    UTF-16 surrogate. Python parses that into a str that fails wherever the text goes next (the
+    tokenizer, a log line, the response echoing it): a 500 for what is the client's fault. The body
+    is then replayed to the app unchanged."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, reject: Callable[[Request, ConduitError], Response]):
+        self.app, self.max_bytes, self.reject = app, max_bytes, reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        body = await self._read(receive)
+        if body is None:  # the client went away before sending it all
+            return
+        error = body if isinstance(body, ConduitError) else surrogate_error(body)
+        if error is not None:
+            return await self.reject(Request(scope), error)(scope, receive, send)
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read(self, receive: Receive) -> bytes | ConduitError | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return ConduitError(f"Request body exceeds the limit of {self.max_bytes} bytes", 413,
+                                    code="request_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+
+def surrogate_error(body: bytes) -> ConduitError | None:
+    if not SURROGATE_ESCAPE.search(body):
+        return None  # the common case: no parse here
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return invalid("The request body holds an unpaired UTF-16 surrogate escape (such as \\ud800), "
+                       "which is not valid Unicode text")
+    except (ValueError, RecursionError):
+        pass  # not JSON: the route's own parser answers that
+    return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def receive_again():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: the disconnect, when it comes
+
+    return receive_again

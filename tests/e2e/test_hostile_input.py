@@ -1,0 +1,139 @@
+"""Hostile bodies on every POST route the server documents in its own /openapi.json (so routes added
+later are covered without touching this file): each must get a 4xx, never a 5xx, and never hang.
+
+Two kinds: whole bodies that are not a usable JSON object (empty, null, an array, invalid UTF-8, 10k
+levels of nesting, the wrong content-type, ...), and a route's own fields set one at a time to
+hostile values (null, "", 1e309, 2**70, deep nesting, ...) over a body that is otherwise valid."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import EMBEDDING_MODEL, SECOND_MODEL
+
+pytestmark = pytest.mark.e2e
+DEPTH = 10_000
+# valid values for the fields a route needs, so that one hostile field is what the server judges;
+# the small-window model keeps any request that turns out valid short
+VALID = {
+    "model": SECOND_MODEL,
+    "messages": [{"role": "user", "content": "hi"}],
+    "prompt": "hi",
+    "input": "hi",
+    "inputs": "hi",
+    "tokens": [1, 2],
+    "max_tokens": 2,
+}
+JSON = {"content-type": "application/json"}
+HOSTILE_BODIES = {
+    "empty": (b"", JSON),
+    "null": (b"null", JSON),
+    "array": (b'[{"model": "m"}]', JSON),
+    "string": (b'"hello"', JSON),
+    "number": (b"1e309", JSON),
+    "truncated": (b'{"model": "m", "messages": [', JSON),
+    "invalid_utf8": (b'{"model": "\xff\xfe", "prompt": "\xc3\x28", "messages": "\xed\xa0\x80"}', JSON),
+    "lone_surrogate": (b'{"model": "\\ud800", "prompt": "\\udfff", "input": "\\ud800"}', JSON),
+    "deep_array": (b"[" * DEPTH + b"]" * DEPTH, JSON),
+    "deep_object": (b'{"a":' * DEPTH + b"1" + b"}" * DEPTH, JSON),
+    "nan": (b'{"model": NaN, "temperature": Infinity, "max_tokens": -Infinity}', JSON),
+    "text_plain": (b'{"model": "m"}', {"content-type": "text/plain"}),
+    "form": (b"model=m&prompt=hi", {"content-type": "application/x-www-form-urlencoded"}),
+    "no_content_type": (b'{"model": "m"}', {}),
+}
+HOSTILE_VALUES = {
+    "null": "null",
+    "empty_string": '""',
+    "empty_list": "[]",
+    "empty_object": "{}",
+    "inf_float": "1e309",
+    "huge_int": str(2**70),
+    "negative_huge_int": str(-(2**70)),
+    "nan": "NaN",
+    "lone_surrogate": '"\\ud800"',
+    "deep_list": "[" * 2000 + "]" * 2000,
+    "long_string": json.dumps("x" * 200_000),
+}
+
+
+@pytest.fixture(scope="module")
+def post_routes(server) -> list[tuple[str, dict]]:
+    """(path with its parameters filled in, the JSON schema of its body or {}) for every POST route."""
+    spec = httpx.get(f"{server}/openapi.json").json()
+    routes = []
+    for path, ops in spec["paths"].items():
+        if "post" not in ops:
+            continue
+        body = ops["post"].get("requestBody", {}).get("content", {}).get("application/json", {})
+        schema = resolve(spec, body.get("schema", {}))
+        routes.append((fill_path(path), schema))
+    assert len(routes) >= 5, routes  # the OpenAI routes at least
+    return routes
+
+
+def resolve(spec: dict, schema: dict) -> dict:
+    ref = schema.get("$ref")
+    if ref:
+        return resolve(spec, spec["components"]["schemas"][ref.rsplit("/", 1)[-1]])
+    return schema
+
+
+def fill_path(path: str) -> str:
+    model = EMBEDDING_MODEL if "embed" in path else SECOND_MODEL
+    while "{" in path:
+        start, end = path.index("{"), path.index("}")
+        path = path[:start] + model + path[end + 1:]
+    return path
+
+
+def base_body(path: str, schema: dict) -> dict:
+    body = {name: VALID[name] for name in schema.get("properties", {}) if name in VALID}
+    if "embed" in path:
+        body.pop("max_tokens", None)
+        body["model"] = EMBEDDING_MODEL
+    return body
+
+
+async def post_all(server: str, requests: list[tuple[str, bytes, dict, str]]) -> list[tuple[str, int]]:
+    """(label, status) per (path, body, headers, label); up to 16 in flight, each bounded in time."""
+    limit = asyncio.Semaphore(16)
+
+    async with httpx.AsyncClient(base_url=server, timeout=60) as http:
+
+        async def one(path: str, content: bytes, headers: dict, label: str) -> int:
+            async with limit:
+                return (await http.post(path, content=content, headers=headers)).status_code
+
+        statuses = await asyncio.gather(*(one(*r) for r in requests))
+    return [(f"POST {path} {label}", status) for (path, _, _, label), status in zip(requests, statuses)]
+
+
+def assert_all_4xx(results: list[tuple[str, int]]):
+    bad = [f"{status} {label}" for label, status in results if not 400 <= status < 500]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("kind", HOSTILE_BODIES)
+def test_hostile_body_gets_4xx(server, post_routes, kind):
+    content, headers = HOSTILE_BODIES[kind]
+    assert_all_4xx(asyncio.run(post_all(server, [(path, content, headers, kind) for path, _ in post_routes])))
+
+
+@pytest.mark.parametrize("kind", HOSTILE_VALUES)
+def test_hostile_field_value_is_never_a_server_error(server, post_routes, kind):
+    """Each documented top-level field of each route, set to the hostile value in an otherwise
+    valid body: a 2xx where the value happens to be acceptable, else a 4xx, never a 5xx."""
+    value = HOSTILE_VALUES[kind]
+    requests = []
+    for path, schema in post_routes:
+        body = base_body(path, schema)
+        for field in schema.get("properties", {}):
+            others = {k: v for k, v in body.items() if k != field}
+            prefix = json.dumps(others)[:-1] + (", " if others else "")
+            content = f'{prefix}"{field}": {value}}}'.encode()
+            requests.append((path, content, JSON, f"{field}={kind}"))
+    results = asyncio.run(post_all(server, requests))
+    bad = [f"{status} {label}" for label, status in results if status >= 500]
+    assert not bad, "\n".join(bad)
