@@ -11,7 +11,8 @@ import typer
 import yaml
 
 from app.auth import check_exposure
-from app.config import ConfigError, parse_app_config
+from app.config import RAY_SERVE_ENV, ConfigError, parse_app_config
+from app.resources import check_deployment_options
 
 cli = typer.Typer(help="Conduit: LLM inference on Ray Serve.", no_args_is_help=True, add_completion=False)
 
@@ -26,7 +27,9 @@ def _load_apps(config_path: Path) -> list[dict]:
     host = (raw.get("http_options") or {}).get("host", "127.0.0.1")  # Serve's default
     for app in apps:
         if app.get("import_path", "").startswith("app.build:"):
-            check_exposure(parse_app_config(app.get("args") or {}).auth, host)  # no keys: loopback only
+            config = parse_app_config(app.get("args") or {})
+            check_exposure(config.auth, host)  # no keys: loopback only
+            check_deployment_options(config, app.get("deployments") or [])
     return apps
 
 
@@ -59,7 +62,7 @@ def run(config: Path = typer.Argument(Path("serve_config.yaml"), exists=True, di
     typer.echo("starting Ray and Serve; model replicas log their loading progress below ...")
     # `serve run` applies the file exactly as `serve deploy` would; we only add the checks above.
     # Local dev server on loopback: Ray's token auth is off, as Ray's own local quick start has it.
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **RAY_SERVE_ENV}
     serve_bin = Path(sys.executable).with_name("serve")
     os.execve(str(serve_bin), [str(serve_bin), "run", str(config)], env)
 
@@ -76,6 +79,30 @@ def kuberay(
     _load_apps(config)
     output.write_text(rayservice_manifest(yaml.safe_load(config.read_text()), image))
     typer.echo(f"wrote {output}")
+
+
+@cli.command()
+def status(address: str = typer.Option("auto", help="Ray cluster address (default: the one on this machine)")):
+    """Deployments, replicas, and each model replica's queue and KV-cache usage, from the running cluster."""
+    from rich.console import Console
+
+    from app.status import collect, render
+
+    try:
+        serve_status, replicas = collect(address)
+    except ConnectionError as e:
+        typer.echo(f"no running Ray cluster at {address}: {e}", err=True)
+        raise typer.Exit(1) from None
+    render(serve_status, replicas, Console())
+
+
+# every argument goes to app/bench.py's own parser (`conduit bench --help` prints its options)
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def bench(ctx: typer.Context):
+    """Benchmark a running server with streaming requests: TTFT, ITL, throughput (see --help)."""
+    from app.bench import main as bench_main
+
+    raise typer.Exit(bench_main(ctx.args, prog="conduit bench"))
 
 
 @cli.command("demo-model")
