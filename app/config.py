@@ -12,6 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
+# Environment for every Ray process that serves Conduit (set before `ray start` / ray.init; `conduit
+# run`, the tests and cluster/ configs all use it). Ray Serve's throughput-optimized mode runs replica
+# code on the replica's own event loop and talks gRPC between proxy and replicas: measured here with
+# 32 streaming clients, the whole pipeline's CPU per output token fell from 2.7-3.0 ms to 1.7 ms
+# (docs/benchmark.md). It is cluster-wide (the proxy reads it too), so it cannot live in the app's args.
+RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -33,9 +40,40 @@ class EngineConfig(Strict):
     stream_interval_s: float = Field(
         0.02, ge=0, le=1, description="streamed deltas are coalesced and sent at most this often"
     )
+    max_stream_messages_per_s: float | None = Field(
+        500, gt=0, description="cap on the replica's streamed messages per second, all streams together: "
+        "with many streams each coalesces longer (null: no cap, only stream_interval_s)"
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads; default: the replica's num_cpus")
+    max_waiting: int = Field(
+        256, gt=0, description="requests waiting for a batch slot on one replica; more get 503 at once"
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="worker processes (one device each) sharing every layer, in one placement group"
+    )
+    device_map: Literal["auto", "balanced", "sequential"] | dict[str, int | str] | None = Field(
+        None, description="accelerate layer sharding over the replica's devices (for models that do not fit one)"
+    )
+    num_devices: int = Field(1, ge=1, le=64, description="GPUs one replica holds when it uses device_map")
+
+    @model_validator(mode="after")
+    def _one_way_to_span_devices(self) -> EngineConfig:
+        if self.tensor_parallel_size > 1 and (self.device_map is not None or self.num_devices > 1):
+            raise ValueError("tensor_parallel_size and device_map/num_devices are exclusive: pick one way to span devices")
+        if isinstance(self.device_map, dict):
+            gpus = {d for d in self.device_map.values() if isinstance(d, int)}
+            if len(gpus) > self.num_devices:
+                raise ValueError(f"device_map names {len(gpus)} GPUs but num_devices is {self.num_devices}")
+        return self
+
+    @property
+    def devices_per_replica(self) -> int:
+        return self.tensor_parallel_size if self.tensor_parallel_size > 1 else self.num_devices
+    max_waiting: int = Field(
+        256, gt=0, description="requests waiting for a batch slot on one replica; more get 503 at once"
+    )
     max_waiting: int = Field(
         256, gt=0, description="requests waiting for a batch slot on one replica; more get 503 at once"
     )
@@ -184,6 +222,34 @@ class RateLimitConfig(Strict):
 
     requests_per_minute: int | None = Field(None, gt=0)
     tokens_per_minute: int | None = Field(None, gt=0, description="prompt + generated tokens")
+    request_timeout_s: float = Field(
+        600, gt=0, description="deadline of one request; a client may ask for less (x-request-timeout header)"
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed (CORS); none: off")
+
+
+class AuthConfig(Strict):
+    """API keys, by reference only: the config never holds a key itself."""
+
+    api_keys_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="env var holding comma-separated API keys"
+    )
+    api_keys_file: str | None = Field(None, min_length=1, description="file of sha256 hex hashes of keys, one a line")
+    protect_health: bool = Field(False, description="/health and /metrics need a key too")
+    allow_unauthenticated: bool = Field(
+        False, description="serve a non-loopback host with no keys (only behind a gateway that authenticates)"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys_env or self.api_keys_file)
+
+
+class RateLimitConfig(Strict):
+    """Per API key, over the whole cluster, in fixed one-minute windows."""
+
+    requests_per_minute: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0, description="prompt + generated tokens")
 
 
 class LogConfig(Strict):
@@ -198,6 +264,10 @@ class AppConfig(Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
     logging: LogConfig = Field(default_factory=LogConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> AppConfig:

@@ -16,8 +16,8 @@ from app.api.protocol import PreparedRequest
 from app.config import ModelConfig
 from app.engine.async_engine import AsyncEngine
 from app.engine.engine import LLMEngine, RequestOutput
-from app.loading import load_model, load_tokenizer, pick_device, resolved_engine_config
-from app.metrics import ModelMetrics
+from app.loading import load_replica_model, load_tokenizer, pick_device, resolved_engine_config
+from app.metrics import LoadProgress, ModelMetrics
 
 log = logging.getLogger("ray.serve")
 STALL_LIMIT_S = 60.0  # a step that takes longer than this means the engine is stuck
@@ -35,17 +35,24 @@ class Model:
     def __init__(self, config: ModelConfig):
         import torch
 
+        replica = serve.get_replica_context().replica_id.unique_id
+        progress = LoadProgress(config.name, replica, ["config", "tokenizer", "weights", "engine"])
+        progress.stage("config")
         engine_config = resolved_engine_config(config)
         device = pick_device(engine_config)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(engine_config.num_threads or max(1, int(cpus)))
+        progress.stage("tokenizer")
         tokenizer = load_tokenizer(config)
-        model = load_model(config.model_copy(update={"engine": engine_config}), device)
+        progress.stage("weights")
+        # runner: None, or the tensor-parallel workers when engine.tensor_parallel_size > 1
+        model, runner = load_replica_model(config.model_copy(update={"engine": engine_config}), device)
+        progress.stage("engine")  # the KV cache is allocated here
         self.config = engine_config
-        self.engine = AsyncEngine(LLMEngine(model, tokenizer, engine_config))
-        replica = serve.get_replica_context().replica_id.unique_id
+        self.engine = AsyncEngine(LLMEngine(model, tokenizer, engine_config, runner=runner))
         self.metrics = ModelMetrics(config.name, replica, engine_config.block_size)
         self.metrics.poll(self.engine.engine.stats)  # engine gauges, once a second
+        progress.finished()
         log.info("model %s ready: %s", config.name, engine_config.model_dump())
 
     async def generate(self, request: PreparedRequest) -> AsyncIterator[RequestOutput]:
@@ -53,7 +60,8 @@ class Model:
             raise unavailable("The model's queue is full; retry shortly.", "server_overloaded")
         try:
             async for out in self.metrics.track(request.request_id, self.engine.generate(
-                request.request_id, request.prompt_ids, request.sampling, self.config.stream_interval_s
+                request.request_id, request.prompt_ids, request.sampling,
+                self.config.stream_interval_s, self.config.max_stream_messages_per_s,
             )):
                 yield out
         except ValueError as e:  # the engine refused it (e.g. can never fit in the KV cache)
