@@ -80,9 +80,10 @@ def raw_ceiling(batch: int, prompt_words: int, max_tokens: int) -> dict:
     generate(ids, 4)  # warm-up: first calls allocate and pick kernels
     runs = []
     for _ in range(3):
+        cpu_start = time.process_time()
         first, steps = generate(ids, max_tokens)
-        runs.append((first + sum(steps), first, steps))
-    total, first, steps = min(runs)  # a ceiling: the best of three
+        runs.append((first + sum(steps), first, steps, time.process_time() - cpu_start))
+    total, first, steps, cpu = min(runs)  # a ceiling: the best of three
     ttft_b1 = statistics.median(generate(ids[:1], 1)[0] for _ in range(20))
     return {
         "output_throughput": batch * max_tokens / total,
@@ -90,6 +91,7 @@ def raw_ceiling(batch: int, prompt_words: int, max_tokens: int) -> dict:
         "prefill_s_batch": first,
         "ttft_ms_p50": ttft_b1 * 1e3,  # batch 1: the least a server could answer in
         "tpot_ms_p50": statistics.median(steps) * 1e3,  # one decode step = one token for each sequence
+        "cpu_ms_per_token": cpu * 1e3 / (batch * max_tokens),
     }
 
 
@@ -183,6 +185,31 @@ def session_members(sid: int) -> list[int]:
     return pids
 
 
+def cpu_seconds_by_process(sid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of every process in session `sid`, keyed by its title
+    (Ray names its workers `ray::ServeReplica:<app>:<deployment>`, `ray::ProxyActor`, ...)."""
+    import psutil
+
+    totals: dict[str, float] = {}
+    for pid in session_members(sid):
+        try:
+            proc = psutil.Process(pid)
+            title = (proc.cmdline() or [proc.name()])[0].split(" ")[0]
+            times = proc.cpu_times()
+        except (psutil.Error, IndexError):
+            continue
+        name = title.removeprefix("ray::ServeReplica:conduit:") if title.startswith("ray::") else proc.name()
+        totals[name] = totals.get(name, 0.0) + times.user + times.system
+    return totals
+
+
+def cpu_ms_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
+    """Where a served token's CPU goes: each process's CPU during the run, per output token.
+    On a 2-core box the sum bounds throughput at 2000 / sum tok/s, however the work is scheduled."""
+    spent = {name: (after[name] - before.get(name, 0.0)) * 1e3 / tokens for name in after}
+    return dict(sorted(((n, v) for n, v in spent.items() if v >= 0.01), key=lambda kv: -kv[1]))
+
+
 def bench(url: str, model: str, **kw) -> dict:
     summary = asyncio.run(run_benchmark(url, model, **kw))
     print(f"  {summary['completed']} ok, {summary['failed']} failed: {summary['output_throughput']:.0f} tok/s, "
@@ -216,15 +243,21 @@ def run_conduit(args) -> dict:
         started = time.monotonic()
         server.wait_ready(CONDUIT_URL, CONDUIT_MODEL)
         print(f"  ready in {time.monotonic() - started:.0f} s; {args.concurrency} clients ...", flush=True)
+        cpu_before = cpu_seconds_by_process(server.proc.pid)
+        client_before = time.process_time()
         loaded = bench(CONDUIT_URL, CONDUIT_MODEL, concurrency=args.concurrency, num_requests=args.num_requests,
                        prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+        tokens = loaded["total_output_tokens"]
+        profile = cpu_ms_per_token(cpu_before, cpu_seconds_by_process(server.proc.pid), tokens)
+        profile["benchmark client (this process)"] = (time.process_time() - client_before) * 1e3 / tokens
+        print("  CPU ms per output token:", ", ".join(f"{n} {v:.2f}" for n, v in profile.items()), flush=True)
         print("  1 client (TTFT) ...", flush=True)
         single = bench(CONDUIT_URL, CONDUIT_MODEL, concurrency=1, num_requests=10,
                        prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
     finally:
         print("  stopping Conduit ...", flush=True)
         server.stop()
-    return {"loaded": row(loaded, args.max_tokens), "single": row(single, args.max_tokens)}
+    return {"loaded": row(loaded, args.max_tokens), "single": row(single, args.max_tokens), "cpu_profile": profile}
 
 
 def run_transformers_serve(args, continuous_batching: bool) -> dict:
@@ -336,12 +369,14 @@ the table flags any run where a request ended before {m} tokens. The unbatched b
 
 {chr(10).join(ratios)}
 
+{cpu_section(results)}
+
 ## Machine
 
 - CPUs (`nproc`): {info['nproc']} ({info['cpu']}); load average at start: {info['loadavg']}
 - Python {info['python']}, torch {info['torch']}, ray {info['ray']}, transformers {info['transformers']}
 - the in-process ceiling uses `torch.set_num_threads(2)`; servers use their own defaults (Conduit's
-  model replica sizes its threads from `num_cpus` in `serve_config.yaml`)
+  model replica sizes its threads from `num_cpus` in `serve_config.yaml`, or `engine.num_threads`)
 
 ```
 $ free -g
@@ -356,6 +391,25 @@ $ free -g
 
 ![tok/s](benchmark.png)
 """
+
+
+def cpu_section(results: dict) -> str:
+    """Where the time goes: CPU per output token in each process of the served run, next to the
+    in-process ceiling's. With 2 cores, 2000 / total is the most tok/s any scheduling could give."""
+    profile = results.get("conduit", {}).get("cpu_profile")
+    if not profile or "ceiling" not in results:
+        return ""
+    total = sum(profile.values())
+    lines = ["## Where the time goes (CPU ms per output token, loaded run)", "",
+             "| process | CPU ms / token |", "|---|---:|"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in profile.items()]
+    lines.append(f"| **all processes** | **{total:.2f}** |")
+    lines.append(f"| (a) in-process ceiling, for comparison | {results['ceiling']['cpu_ms_per_token']:.2f} |")
+    cores = os.cpu_count() or 1
+    lines += ["", f"On {cores} cores this CPU bill alone caps the served rate at {cores * 1e3 / total:,.0f} tok/s, "
+              f"whatever the scheduling; the ceiling's bill caps it at "
+              f"{cores * 1e3 / results['ceiling']['cpu_ms_per_token']:,.0f} tok/s."]
+    return "\n".join(lines)
 
 
 def plot(results: dict, path: Path, args) -> None:
