@@ -8,7 +8,9 @@ import logging
 from ray import serve
 
 from app.api.errors import ConduitError, invalid
+from app.api.fim import fim_ids
 from app.api.protocol import GenerateRequest, PreparedRequest
+from app.api.tools import chat_template_inputs, constrain
 from app.config import ModelConfig
 from app.loading import load_tokenizer, resolved_engine_config
 
@@ -32,7 +34,8 @@ class Tokenizer:
             if tokenizer.chat_template is None:
                 raise invalid(f"model {req.model} has no chat template; use /v1/completions", "messages")
             cont = req.continue_final_message
-            text = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=not cont,
+            messages, tools = chat_template_inputs(tokenizer, req)
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=not cont,
                                                  continue_final_message=cont)
             # the template already holds any special tokens it wants
             return tokenizer.encode(text, add_special_tokens=False)
@@ -40,8 +43,10 @@ class Tokenizer:
             vocab = len(tokenizer)
             if any(not 0 <= t < vocab for t in req.prompt):
                 raise invalid(f"prompt token ids must be in [0, {vocab})", "prompt")
-            return list(req.prompt)
-        return tokenizer.encode(req.prompt)
+            prompt_ids = list(req.prompt)
+        else:
+            prompt_ids = tokenizer.encode(req.prompt, add_special_tokens=req.suffix is None)
+        return prompt_ids if req.suffix is None else fim_ids(tokenizer, prompt_ids, req.suffix)
 
     async def prepare(self, req: GenerateRequest) -> PreparedRequest:
         prompt_ids = self._encode(req)
@@ -57,6 +62,7 @@ class Tokenizer:
                 param=param,
                 code="context_length_exceeded",
             )
+        constrain(req)  # a forced tool call decodes under its grammar
         sampling = req.sampling
         if not req.max_tokens_given:
             sampling.max_tokens = room

@@ -11,7 +11,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.api import tools
 from app.api.errors import ConduitError, invalid
+from app.api.openai_extras import (
+    MAX_TOP_LOGPROBS, ChatTool, MessageToolCall, ResponseFormat, ToolChoice, chat_logprobs, completion_logprobs,
+    tool_call_json,
+)
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
 from app.engine.engine import RequestOutput
@@ -66,14 +71,36 @@ class StreamOptions(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant: calls it made
+    tool_call_id: str | None = None  # tool: the call this is the result of
+
+    def to_internal(self, param: str) -> dict:
+        """transformers' message format (see GenerateRequest.messages)."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["content"] = self.text() or None
+            message["tool_calls"] = [_call_to_internal(c, f"{param}.tool_calls.{i}") for i, c in enumerate(self.tool_calls)]
+        return message
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+def _call_to_internal(call: MessageToolCall, param: str) -> dict:
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise invalid("function.arguments must be a JSON object", f"{param}.function.arguments")
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
 
 
 class TextPart(BaseModel):
@@ -85,6 +112,12 @@ class TextPart(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; a forced call is one call
 
     @model_validator(mode="after")
     def _one_max(self) -> ChatCompletionRequest:
@@ -94,34 +127,64 @@ class ChatCompletionRequest(_Request):
 
     def to_internal(self, request_id: str) -> GenerateRequest:
         max_tokens = self.max_completion_tokens or self.max_tokens
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
-        return GenerateRequest(
+        messages = [m.to_internal(f"messages.{i}") for i, m in enumerate(self.messages)]
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+        sampling = self.sampling(max_tokens)
+        sampling.logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        sampling.guided = self.response_format.guided() if self.response_format else None
+        req = GenerateRequest(
             request_id=request_id,
             model=self.model,
-            sampling=self.sampling(max_tokens),
+            sampling=sampling,
             messages=messages,
             max_tokens_given=max_tokens is not None,
             stream=self.stream,
             n=self.n,
         )
+        self._tools_to_internal(req)
+        return req
+
+    def _tools_to_internal(self, req: GenerateRequest) -> None:
+        choice = self.tool_choice or "auto"
+        if not self.tools:
+            if choice not in ("auto", "none"):
+                raise invalid("tool_choice requires tools", "tool_choice")
+            return
+        req.tools = [tool.to_internal(i) for i, tool in enumerate(self.tools)]
+        if isinstance(choice, str):
+            req.tool_choice = choice
+        elif choice.function.name in {t.name for t in req.tools}:
+            req.tool_choice, req.tool_name = "required", choice.function.name
+        else:
+            raise invalid(f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
+        if tools.forced(req) and req.sampling.guided is not None:
+            raise invalid("a forced tool call cannot be combined with response_format", "response_format")
 
 
 class CompletionRequest(_Request):
     prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=1)]
     max_tokens: Annotated[int, Field(gt=0)] | None = 16  # OpenAI's default for completions
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    echo: bool = False
+    suffix: str | None = None  # fill-in-the-middle (needs a model with FIM tokens)
 
     def to_internal(self, request_id: str) -> GenerateRequest:
         prompt = self.prompt[0] if isinstance(self.prompt, list) and isinstance(self.prompt[0], str) else self.prompt
         if prompt == "":
             raise invalid("prompt must not be empty", "prompt")
+        sampling = self.sampling(self.max_tokens)
+        sampling.logprobs = self.logprobs
+        sampling.prompt_logprobs = self.logprobs if self.echo else None
         return GenerateRequest(
             request_id=request_id,
             model=self.model,
-            sampling=self.sampling(self.max_tokens),
+            sampling=sampling,
             prompt=prompt,
             max_tokens_given=self.max_tokens is not None,
             stream=self.stream,
             n=self.n,
+            suffix=self.suffix,
         )
 
 
@@ -140,7 +203,7 @@ class TokenizeRequest(BaseModel):
         return self
 
     def to_internal(self, request_id: str) -> GenerateRequest:
-        messages = None if self.messages is None else [{"role": m.role, "content": m.text()} for m in self.messages]
+        messages = None if self.messages is None else [m.to_internal(f"messages.{i}") for i, m in enumerate(self.messages)]
         # max_tokens_given=False: only the prompt's own length is checked against the window
         return GenerateRequest(request_id, self.model, SamplingParams(), prompt=self.prompt,
                                messages=messages, max_tokens_given=False)
@@ -169,13 +232,21 @@ def usage(outs: list[RequestOutput]) -> dict:
 
 
 class ResponseBuilder:
-    """Builds one request's response objects (whole, or as stream chunks) in OpenAI's format."""
+    """Builds one request's response objects (whole, or as stream chunks) in OpenAI's format.
+    `req`: the internal request, for its tools; `echo`: completions' prompt text, put before each
+    choice's text."""
 
-    def __init__(self, kind: Literal["chat", "completion"], response_id: str, model: str, include_usage: bool):
+    def __init__(self, kind: Literal["chat", "completion"], response_id: str, model: str, include_usage: bool,
+                 req: GenerateRequest | None = None, echo: str | None = None):
         self.kind, self.id, self.model, self.include_usage = kind, response_id, model, include_usage
         self.created = int(time.time())
         self.object = "chat.completion" if kind == "chat" else "text_completion"
         self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        self.tools = req.tools if req is not None and req.tool_choice != "none" else []
+        self.forced = req is not None and tools.forced(req)
+        self.echo = echo
+        self.call_streams: dict[int, tools.ForcedCallStream | tools.AutoCallStream] = {}  # per choice
+        self.offsets: dict[int, int] = {}  # per choice: chars of text so far (completions' text_offset)
 
     def _envelope(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
@@ -184,11 +255,35 @@ class ResponseBuilder:
         choices = []
         for index, out in enumerate(outs):
             if self.kind == "chat":
-                message = {"role": "assistant", "content": out.text}
-                choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": out.finish_reason})
+                message, finish_reason = self._message(out)
+                logprobs = chat_logprobs(out.logprobs) if out.logprobs is not None else None
+                choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason})
             else:
-                choices.append({"index": index, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason})
+                text = (self.echo or "") + out.text
+                logprobs = self._completion_logprobs(index, out, first=True)
+                choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason})
         return self._envelope(self.object, choices, usage=usage(outs))
+
+    def _message(self, out: RequestOutput) -> tuple[dict, str | None]:
+        if not self.tools:
+            return {"role": "assistant", "content": out.text}, out.finish_reason
+        if self.forced:
+            calls = tools.parse_forced(out.text)
+            content = None if calls else out.text  # cut short (max_tokens): what was written
+        else:
+            content, calls = tools.parse_auto(out.text, self.tools)
+        message = {"role": "assistant", "content": content}
+        if not calls:
+            return message, out.finish_reason
+        message["tool_calls"] = [tool_call_json(call) for call in calls]
+        return message, "tool_calls" if out.finish_reason == "stop" else out.finish_reason
+
+    def _completion_logprobs(self, index: int, out: RequestOutput, first: bool) -> dict | None:
+        if out.logprobs is None:
+            return None
+        entries = (out.prompt_logprobs or []) + out.logprobs if self.echo is not None and first else out.logprobs
+        logprobs, self.offsets[index] = completion_logprobs(entries, self.offsets.get(index, 0))
+        return logprobs
 
     def chunks(self, index: int, out: RequestOutput, first: bool) -> list[str]:
         """SSE `data:` lines for one (coalesced) engine delta of choice `index`."""
@@ -196,14 +291,48 @@ class ResponseBuilder:
         if self.kind == "chat" and first:
             delta = {"role": "assistant", "content": ""}
             lines.append(self._chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None}))
-        if out.text or out.finished:
+        if out.text or out.finished or out.logprobs or (first and self.echo):
             if self.kind == "chat":
-                delta = {"content": out.text} if out.text else {}
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}
+                delta, finish_reason = self._delta(index, out)
+                logprobs = chat_logprobs(out.logprobs) if out.logprobs is not None else None
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             else:
-                choice = {"index": index, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+                text = (self.echo or "") + out.text if first else out.text
+                logprobs = self._completion_logprobs(index, out, first)
+                choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
             lines.append(self._chunk(choice))
         return lines
+
+    def _delta(self, index: int, out: RequestOutput) -> tuple[dict, str | None]:
+        """A chat delta: text, or tool-call parts in OpenAI's streaming form."""
+        if not self.tools:
+            return ({"content": out.text} if out.text else {}), out.finish_reason
+        if index not in self.call_streams:
+            self.call_streams[index] = tools.ForcedCallStream() if self.forced else tools.AutoCallStream(self.tools)
+        stream = self.call_streams[index]
+        calls, content = [], ""
+        if self.forced:
+            name, arguments = stream.feed(out.text, out.finished)
+            if name is not None:
+                calls.append({"index": 0, "id": tools.new_call_id(), "type": "function",
+                              "function": {"name": name, "arguments": arguments}})
+            elif arguments:
+                calls.append({"index": 0, "function": {"arguments": arguments}})
+            if out.finished and stream.name is None:
+                content = stream.text  # cut short before a call took shape
+            made_call = stream.name is not None
+        else:
+            content = stream.feed(out.text)
+            if out.finished:
+                rest, found = stream.finish()
+                content += rest or ""
+                calls = [tool_call_json(call, i) for i, call in enumerate(found)]
+            made_call = bool(calls)
+        delta = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = calls
+        finish_reason = "tool_calls" if made_call and out.finish_reason == "stop" else out.finish_reason
+        return delta, finish_reason
 
     def usage_chunk(self, outs: list[RequestOutput]) -> str:
         return sse(self._envelope(self.chunk_object, [], usage=usage(outs)))
@@ -260,12 +389,20 @@ def routes(pipeline: Pipeline):
 async def respond(pipeline: Pipeline, rid: str, kind: str, body: ChatCompletionRequest | CompletionRequest):
     """One chat or text completion, whole or streamed (also serves Azure's deployment routes)."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    builder = ResponseBuilder(kind, ("chatcmpl-" if kind == "chat" else "cmpl-") + rid, body.model, include_usage)
     req = body.to_internal(rid)
+    echo = await _echo_text(pipeline, req) if kind == "completion" and body.echo else None
+    builder = ResponseBuilder(kind, ("chatcmpl-" if kind == "chat" else "cmpl-") + rid, body.model, include_usage,
+                              req, echo)
     if not body.stream:
         return builder.complete(await pipeline.complete(req))
     stream = await pipeline.stream(req)  # errors before the first token still get a status code
     return StreamingResponse(_sse(builder, stream, req.n), media_type="text/event-stream")
+
+
+async def _echo_text(pipeline: Pipeline, req: GenerateRequest) -> str:
+    if isinstance(req.prompt, str):
+        return req.prompt
+    return await pipeline.detokenize(req.model, req.prompt)
 
 
 def model_card(model_id: str, name: str) -> dict:
