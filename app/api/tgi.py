@@ -7,9 +7,10 @@ Conduit extension) names another. Sampling follows TGI: greedy unless `do_sample
 (`temperature` != 1, `top_k`, `top_p`) is given; a sampled request without `seed` gets a random one,
 reported in `details.seed`. Like TGI, `generated_text` includes the stop sequence that ended it.
 
-Token events: the engine coalesces tokens into deltas, so the text of a delta rides on its last
-token and the others carry "" (concatenating `token.text` always gives `generated_text`); ids and
-log-probs (the model's raw log-softmax) are per token. `top_n_tokens` and `decoder_input_details`
+Token texts: the engine streams coalesced deltas. Each token gets its own text when the delta's
+text is exactly their concatenation; otherwise the delta's text rides on its last token and the
+others carry "", so concatenating `token.text` always gives `generated_text`. Ids and log-probs (the
+model's raw log-softmax) are per token. `top_n_tokens` and `decoder_input_details`
 (`details.prefill`) come from the engine's log-probs, and a `json` grammar is guided decoding."""
 
 from __future__ import annotations
@@ -171,13 +172,19 @@ def delta_tokens(out: RequestOutput, text: str) -> list[tuple[dict, list[dict]]]
     ended it is a special token (the tokenizer's other special ids are not known here)."""
     ends_with_eos = out.finished and finish_reason(out) == "eos_token"
     last = len(out.token_ids) - 1
-    carrier = last - 1 if ends_with_eos and last > 0 else last  # the token that carries the text
+    carrier = last - 1 if ends_with_eos and last > 0 else last  # the last token with text
     entries = out.logprobs or [None] * len(out.token_ids)
+    texts = [""] * len(out.token_ids)
+    names = [e.chosen.token for e in entries[: carrier + 1] if e]
+    if "".join(names) == text and len(names) == carrier + 1:
+        texts[: carrier + 1] = names
+    else:  # e.g. a character split across tokens, or a stop sequence cut inside a token
+        texts[carrier] = text
     tokens = []
     for i, (token_id, entry) in enumerate(zip(out.token_ids, entries)):
         token = {
             "id": token_id,
-            "text": text if i == carrier else "",
+            "text": texts[i],
             "logprob": entry.chosen.logprob if entry else None,
             "special": ends_with_eos and i == last,
         }

@@ -40,6 +40,7 @@ def test_details(hf, server, openai_greedy):
     assert details.generated_tokens == len(details.tokens) == openai_greedy.usage.completion_tokens
     assert details.seed is None  # greedy: TGI reports no seed
     assert "".join(t.text for t in details.tokens) == out.generated_text
+    assert sum(bool(t.text) for t in details.tokens) > len(details.tokens) // 2  # per-token texts, mostly
     assert all(isinstance(t.logprob, float) and t.logprob <= 0 for t in details.tokens)
     ids = [t.id for t in details.tokens if not t.special]
     decoded = httpx.post(f"{server}/detokenize", json={"model": MODEL, "tokens": ids}).json()["prompt"]
