@@ -46,6 +46,43 @@ def load_model(config: ModelConfig, device: str):
         dtype=getattr(torch, dtype),
         trust_remote_code=config.trust_remote_code,
         attn_implementation="sdpa",
-    ).to(device)
+        # accelerate spreads the layers over every device the replica was given; its hooks move
+        # activations between them, and the KV cache follows each layer's device
+        device_map=config.engine.device_map,
+    )
+    if config.engine.device_map is None:
+        model = model.to(device)
     log.info("model %s loaded in %.1f s", config.name, time.monotonic() - started)
     return model
+
+
+def load_replica_model(config: ModelConfig, device: str):
+    """(model, runner) for `LLMEngine`. With tensor parallelism the weights live in the worker
+    actors, and this process keeps only the configs the engine reads (eos ids)."""
+    if config.engine.tensor_parallel_size == 1:
+        return load_model(config, device), None
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    from app.engine.tensor_parallel import TensorParallelRunner
+
+    source, remote = config.resolved_source, config.trust_remote_code
+    try:
+        generation_config = GenerationConfig.from_pretrained(source, trust_remote_code=remote)
+    except OSError:  # the model ships none
+        generation_config = None
+    model_configs = SimpleNamespace(
+        config=AutoConfig.from_pretrained(source, trust_remote_code=remote), generation_config=generation_config
+    )
+    log.info("model %s: %d tensor-parallel workers on %s", config.name, config.engine.tensor_parallel_size, device)
+    return model_configs, TensorParallelRunner(config, device)
+
+
+def build_engine(config: ModelConfig, device: str):
+    """An `LLMEngine` over the configured model, outside Serve (tests, bench/gpu_check.py)."""
+    from app.engine.engine import LLMEngine
+
+    config = config.model_copy(update={"engine": resolved_engine_config(config)})
+    model, runner = load_replica_model(config, device)
+    return LLMEngine(model, load_tokenizer(config), config.engine, runner=runner)
