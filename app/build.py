@@ -11,6 +11,7 @@ from ray.serve.schema import LoggingConfig
 
 from app.config import parse_app_config
 from app.demo_model import build_demo_model
+from app.resources import check_live_cluster, replica_options, uses_gpu
 from deployments.embedder import Embedder
 from deployments.ingress import Ingress
 from deployments.model import Model
@@ -20,6 +21,7 @@ from deployments.tokenizer import Tokenizer
 
 def build_app(args: dict) -> Application:
     config = parse_app_config(args)
+    cluster_gpus = check_live_cluster(config)
     for model in config.models:
         if model.build_demo_if_missing:
             build_demo_model(model.resolved_source)
@@ -31,6 +33,7 @@ def build_app(args: dict) -> Application:
             name=m.deployment_name,
             request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter),
             logging_config=logs,
+            **replica_options(m, uses_gpu(m, cluster_gpus)),
         ).bind(m)
         for m in config.models
     }
