@@ -8,7 +8,7 @@ import pytest
 from app.config import ModelConfig
 from app.engine.engine import LLMEngine
 from app.engine.sampling_params import SamplingParams
-from app.loading import load_replica_model, load_tokenizer, resolved_engine_config
+from app.loading import build_engine
 
 pytestmark = pytest.mark.e2e
 
@@ -28,10 +28,7 @@ def ray_up():
 
 def make_engine(model_path: str, tensor_parallel_size: int) -> LLMEngine:
     engine = {"max_num_seqs": 4, "max_model_len": 256, "tensor_parallel_size": tensor_parallel_size, "num_threads": 1}
-    config = ModelConfig(name="tp", source=model_path, engine=engine)
-    config = config.model_copy(update={"engine": resolved_engine_config(config)})
-    model, runner = load_replica_model(config, "cpu")
-    return LLMEngine(model, load_tokenizer(config), config.engine, runner=runner)
+    return build_engine(ModelConfig(name="tp", source=model_path, engine=engine), "cpu")
 
 
 def generate_all(engine: LLMEngine, requests: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
