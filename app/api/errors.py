@@ -31,5 +31,10 @@ def unavailable(message: str, code: str, retry_after_s: int = 1) -> ConduitError
     return ConduitError(message, 503, "server_error", None, code, {"retry-after": str(retry_after_s)})
 
 
+def stream_failure(e: Exception) -> ConduitError:
+    """What a stream reports when it fails after its 200 was sent: the error itself, or a 500."""
+    return e if isinstance(e, ConduitError) else ConduitError(f"generation failed: {e}", 500, "server_error")
+
+
 def model_not_found(model: str) -> ConduitError:
     return ConduitError(f"The model `{model}` does not exist.", 404, "invalid_request_error", "model", "model_not_found")

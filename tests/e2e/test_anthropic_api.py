@@ -3,9 +3,11 @@ greedy output must equal the OpenAI chat route's for the same messages."""
 
 import asyncio
 import json
+import re
 
 import anthropic
 import httpx
+import jsonschema
 import pytest
 
 from tests.e2e.conftest import MODEL
@@ -119,7 +121,8 @@ def test_create_stream_event_sequence(claude):
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert set(kinds[2:-3]) == {"content_block_delta"}
     start = events[0].message
-    assert (start.type, start.role, start.model, start.content, start.stop_reason) == ("message", "assistant", MODEL, [], None)
+    assert (start.type, start.role, start.model, start.content) == ("message", "assistant", MODEL, [])
+    assert start.stop_reason is None
     assert start.usage.input_tokens > 0
     assert events[1].index == 0 and events[1].content_block.type == "text" and events[1].content_block.text == ""
     assert all(e.index == 0 and e.delta.type == "text_delta" and e.delta.text for e in events[2:-3])
@@ -173,7 +176,8 @@ def test_sdk_raises_its_own_errors(claude):
     with pytest.raises(anthropic.BadRequestError, match="maximum context length"):
         claude.messages.create(model=MODEL, messages=[{"role": "user", "content": "alpha " * 600}], max_tokens=4)
     with pytest.raises(anthropic.BadRequestError, match="does not support `thinking`"):
-        claude.messages.create(model=MODEL, messages=TURNS, max_tokens=4, thinking={"type": "enabled", "budget_tokens": 1024})
+        claude.messages.create(model=MODEL, messages=TURNS, max_tokens=4,
+                               thinking={"type": "enabled", "budget_tokens": 1024})
     with pytest.raises(anthropic.BadRequestError, match="temperature"):
         claude.messages.create(model=MODEL, messages=TURNS, max_tokens=4, extra_body={"temperature": 1.5})
 
@@ -197,7 +201,6 @@ def message_body(**fields) -> dict:
         (message_body(top_k=-1), 400, "top_k"),
         (message_body(stop_sequences=[""]), 400, "stop_sequences.0"),
         (message_body(bogus_field=1), 400, "bogus_field"),
-        (message_body(tools=[{"name": "f", "input_schema": {"type": "object"}}]), 400, "tools"),
         (message_body(max_tokens=100000), 400, "max_tokens"),
         (message_body(model="no-such-model"), 404, "no-such-model"),
     ],
@@ -215,3 +218,140 @@ def test_bad_input_gets_anthropic_error(server, body, status, names):
 def test_oversized_body_gets_anthropic_413(server):
     r = httpx.post(f"{server}/v1/messages", content=b"x" * 1_100_000, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+
+
+# tools and structured output ---------------------------------------------------------------------
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+        "required": ["city", "unit"],
+    },
+}
+TIME = {"name": "get_time", "input_schema": {"type": "object", "properties": {"zone": {"type": "integer"}},
+                                              "required": ["zone"]}}
+TOOL_SCHEMAS = {t["name"]: t["input_schema"] for t in (WEATHER, TIME)}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+SAMPLED = 12
+
+
+def block_values(content) -> list[tuple]:
+    """What the blocks say, without the per-call tool_use ids."""
+    return [(b.type, b.text) if b.type == "text" else (b.type, b.name, b.input) for b in content]
+
+
+def check_tool_use(block, names=TOOL_SCHEMAS):
+    assert block.type == "tool_use" and block.id.startswith("toolu_") and block.name in names
+    jsonschema.validate(block.input, TOOL_SCHEMAS[block.name])
+
+
+def test_forced_tool_use_validates_over_many_samples(async_claude):
+    choices = [({"type": "any"}, TOOL_SCHEMAS), ({"type": "tool", "name": "get_time"}, {"get_time"})]
+
+    async def sampled():  # temperature 1: a different call each time
+        return await asyncio.gather(*(async_claude.messages.create(
+            model=MODEL, messages=ASK, max_tokens=256, tools=[WEATHER, TIME], tool_choice=choice)
+            for choice, _ in choices for _ in range(SAMPLED)))
+
+    replies = asyncio.run(sampled())
+    for i, msg in enumerate(replies):
+        assert msg.stop_reason == "tool_use" and msg.stop_sequence is None and len(msg.content) == 1
+        check_tool_use(msg.content[0], choices[i // SAMPLED][1])
+    assert len({json.dumps(m.content[0].input) for m in replies}) > 1
+
+
+def test_greedy_tool_use_equals_openai_tool_call(claude, client):
+    msg = claude.messages.create(model=MODEL, messages=ASK, max_tokens=256, tools=[WEATHER], extra_body=GREEDY,
+                                 tool_choice={"type": "tool", "name": "get_weather"})
+    openai_tool = {"type": "function", "function": {"name": "get_weather", "description": WEATHER["description"],
+                                                    "parameters": WEATHER["input_schema"]}}
+    ref = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=256, temperature=0, tools=[openai_tool],
+                                         tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = ref.choices[0].message.tool_calls[0]
+    assert (msg.content[0].name, msg.content[0].input) == (call.function.name, json.loads(call.function.arguments))
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (ref.usage.prompt_tokens, ref.usage.completion_tokens)
+
+
+def test_tool_use_streamed_as_input_json_deltas(claude):
+    kwargs = dict(model=MODEL, messages=ASK, max_tokens=256, tools=[WEATHER], tool_choice={"type": "any"},
+                  extra_body=GREEDY)
+    whole = claude.messages.create(**kwargs)
+    events = list(claude.messages.create(**kwargs, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["message_start", "content_block_start"]
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    start = events[1].content_block
+    assert (start.type, start.name, start.input) == ("tool_use", "get_weather", {}) and start.id.startswith("toolu_")
+    deltas = [e.delta for e in events[2:-3]]
+    assert deltas and all(d.type == "input_json_delta" for d in deltas)
+    assert json.loads("".join(d.partial_json for d in deltas)) == whole.content[0].input
+    assert events[-2].delta.stop_reason == "tool_use"
+    with claude.messages.stream(**kwargs) as s:
+        final = s.get_final_message()
+    assert final.content[0].input == whole.content[0].input and final.stop_reason == "tool_use"
+
+
+def test_tool_history_round_trip_and_tool_choice_none(claude):
+    first = claude.messages.create(model=MODEL, messages=ASK, max_tokens=256, tools=[WEATHER], tool_choice={"type": "any"})
+    history = ASK + [
+        {"role": "assistant", "content": first.content},  # the SDK's own blocks, sent back as they are
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": first.content[0].id, "content": "21 C"},
+                                     {"type": "text", "text": "Thanks"}]},
+    ]
+    with_tools = claude.messages.count_tokens(model=MODEL, messages=history, tools=[WEATHER]).input_tokens
+    without = claude.messages.count_tokens(model=MODEL, messages=history).input_tokens
+    declined = claude.messages.count_tokens(model=MODEL, messages=history, tools=[WEATHER], tool_choice={"type": "none"})
+    assert with_tools > without == declined.input_tokens  # tools are described in the prompt unless declined
+    for choice in ({"type": "auto"}, {"type": "none"}):
+        reply = claude.messages.create(model=MODEL, messages=history, max_tokens=12, tools=[WEATHER],
+                                       tool_choice=choice, extra_body=GREEDY)
+        assert reply.usage.input_tokens == (without if choice["type"] == "none" else with_tools)
+        assert reply.stop_reason in ("max_tokens", "end_turn", "tool_use")
+        for block in reply.content:
+            if block.type == "tool_use":
+                check_tool_use(block)
+        with claude.messages.stream(model=MODEL, messages=history, max_tokens=12, tools=[WEATHER],
+                                    tool_choice=choice, extra_body=GREEDY) as s:
+            streamed = s.get_final_message()
+        assert block_values(streamed.content) == block_values(reply.content)
+        assert streamed.stop_reason == reply.stop_reason
+
+
+def test_output_config_json_schema(claude):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    msg = claude.messages.create(model=MODEL, messages=ASK, max_tokens=200,
+                                 output_config={"format": {"type": "json_schema", "schema": schema}})
+    jsonschema.validate(json.loads(msg.content[0].text), schema)
+    assert msg.stop_reason == "end_turn"
+
+
+@pytest.mark.parametrize(
+    "fields,names",
+    [
+        ({"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice.name"),
+        ({"tool_choice": {"type": "any"}}, "tool_choice needs tools"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "tool"}}, "tool_choice"),
+        ({"tools": [{"name": "f", "input_schema": {"type": 3}}]}, "tools.0.input_schema"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "does not support `web_search_20250305`"),
+        ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]},
+         "messages.0: tool_use blocks belong in assistant messages"),
+        ({"output_config": {"effort": "high"}}, "output_config.effort"),
+    ],
+)
+def test_bad_tool_fields_are_400(claude, fields, names):
+    kwargs = {"model": MODEL, "messages": ASK, "max_tokens": 4, **fields}
+    with pytest.raises(anthropic.BadRequestError, match=re.escape(names)):
+        claude.messages.create(**kwargs)
+
+
+def test_openapi_documents_the_messages_routes(server):
+    doc = httpx.get(f"{server}/openapi.json").json()
+    assert {"/v1/messages", "/v1/messages/count_tokens"} <= set(doc["paths"])
+    ref = doc["paths"]["/v1/messages"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    fields = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
+    accepted = {"max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "tools", "tool_choice", "output_config"}
+    assert accepted <= set(fields)
+    assert "thinking" not in fields  # refused, so not documented
