@@ -1,7 +1,8 @@
 """Azure OpenAI wire format: OpenAI's bodies and responses under
-`/openai/deployments/{deployment}/...?api-version=...`. The deployment in the path names a configured
-model (its name or an alias) and overrides any `model` in the body, which Azure does not require.
-Schemas, response building and streaming are the OpenAI adapter's own (app/api/openai.py).
+`/openai/deployments/{deployment}/...?api-version=...` (chat/completions, completions, embeddings).
+The deployment in the path names a configured model (its name or an alias; an embedding model for
+embeddings) and overrides any `model` in the body, which Azure does not require. Schemas, response
+building and streaming are the OpenAI and embeddings adapters' own (app/api/openai.py, embeddings.py).
 
 The `api-key` header the Azure SDKs send carries the API key (app/auth.py reads it)."""
 
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from app.api.embeddings import EmbeddingRequest, embedding_response
 from app.api.errors import ConduitError
 from app.api.openai import ChatCompletionRequest, CompletionRequest, error_body, respond
 from app.api.pipeline import Pipeline
@@ -43,20 +45,26 @@ def routes(pipeline: Pipeline):
 
     router = APIRouter()
 
-    async def deployment_request(request: Request, deployment: str, kind: str, body: dict):
+    def parse(request: Request, deployment: str, schema: type[BaseModel], body: dict) -> BaseModel:
         require_api_version(request)
-        if deployment not in pipeline.models.ids:
+        if deployment not in pipeline.served_ids():
             raise deployment_not_found(deployment)
-        schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
-        parsed = parse_body(schema, body, pipeline.models.resolve(deployment))
-        return await respond(pipeline, request_id(request), kind, parsed)
+        return parse_body(schema, body, pipeline.resolve_any(deployment))
 
     @router.post(PREFIX + "/{deployment}/chat/completions")
     async def chat_completions(request: Request, deployment: str, body: dict):
-        return await deployment_request(request, deployment, "chat", body)
+        parsed = parse(request, deployment, ChatCompletionRequest, body)
+        return await respond(pipeline, request_id(request), "chat", parsed)
 
     @router.post(PREFIX + "/{deployment}/completions")
     async def completions(request: Request, deployment: str, body: dict):
-        return await deployment_request(request, deployment, "completion", body)
+        parsed = parse(request, deployment, CompletionRequest, body)
+        return await respond(pipeline, request_id(request), "completion", parsed)
+
+    @router.post(PREFIX + "/{deployment}/embeddings")
+    async def embeddings(request: Request, deployment: str, body: dict):
+        parsed = parse(request, deployment, EmbeddingRequest, body)
+        vectors, prompt_tokens = await pipeline.embed(parsed.model, parsed.inputs(), parsed.dimensions)
+        return JSONResponse(embedding_response(parsed.model, vectors, prompt_tokens, parsed.encoding_format))
 
     return Adapter(router, lambda err: JSONResponse(error_body(err), status_code=err.status), prefixes=("/openai/",))

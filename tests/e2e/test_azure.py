@@ -5,7 +5,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL
+from tests.e2e.conftest import EMBEDDING_MODEL, MODEL
 
 pytestmark = pytest.mark.e2e
 API_VERSION = "2024-10-21"
@@ -52,6 +52,18 @@ def test_streaming_equals_whole(azure, kind):
     assert text == whole
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_embeddings_equal_openai_route(azure, client):
+    """The SDK asks for base64 and decodes it; the vectors must be the /v1/embeddings ones."""
+    texts = ["a cat sat on the mat", "stock markets fell"]
+    got = azure.embeddings.create(model=EMBEDDING_MODEL, input=texts)
+    want = client.embeddings.create(model=EMBEDDING_MODEL, input=texts, encoding_format="float")
+    assert got.model == EMBEDDING_MODEL and got.usage.prompt_tokens == want.usage.prompt_tokens
+    for g, w in zip(got.data, want.data):
+        assert g.embedding == pytest.approx(w.embedding, abs=1e-6)
+    with pytest.raises(openai.BadRequestError):  # a text-generation deployment cannot embed
+        azure.embeddings.create(model=MODEL, input="x")
 
 
 def test_unknown_deployment_is_not_found(azure):
