@@ -37,7 +37,7 @@ def keyed(server, model_path, tmp_path_factory):
     # unbuffered replica logs (RAY_SERVE_THROUGHPUT_OPTIMIZED buffers 1000 lines), so the test can read them
     unbuffered = {"num_cpus": 0.01, "runtime_env": {"env_vars": {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}}}
     yield deploy(server, APP, args, {"Ingress": {"num_replicas": 2, "ray_actor_options": unbuffered}})
-    serve.delete(APP)
+    serve.delete(APP, _blocking=False)  # an ingress takes ~30 s to drain; nothing waits on it
 
 
 def valid_calls() -> list[tuple[str, str, dict | None]]:
