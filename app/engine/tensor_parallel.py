@@ -21,36 +21,21 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 
 from app.config import ModelConfig
 from app.engine.model_runner import ModelRunner
+from app.engine.sequence import Sequence
 
 
-@dataclass
-class SequenceView:
-    """What a runner reads from a `Sequence`, without its tokenizer and sampling state (sent to
-    every rank on every step)."""
-
-    request_id: str
-    slot: int
-    num_cached: int
-    prompt_ids: list[int]
-    output_ids: list[int]
-
-    @classmethod
-    def of(cls, seq) -> SequenceView:
-        return cls(seq.request_id, seq.slot, seq.num_cached, seq.prompt_ids, seq.output_ids)
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+def runner_view(seq: Sequence) -> Sequence:
+    """The part of a `Sequence` a runner reads, without its tokenizer and sampling state: what is
+    sent to every rank on every step."""
+    view = Sequence.__new__(Sequence)
+    view.__dict__.update(request_id=seq.request_id, slot=seq.slot, num_cached=seq.num_cached,
+                         prompt_ids=seq.prompt_ids, output_ids=seq.output_ids)
+    return view
 
 
 class TensorParallelWorker:
@@ -95,14 +80,18 @@ class TensorParallelWorker:
         )
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[SequenceView]) -> torch.Tensor | None:
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor | None:
         logits = self.runner.prefill(seqs)
         return logits.cpu() if self.rank == 0 else None
 
     @torch.inference_mode()
-    def decode(self, seqs: list[SequenceView]) -> torch.Tensor | None:
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor | None:
         logits = self.runner.decode(seqs)
         return logits.cpu() if self.rank == 0 else None
+
+    def kv_heads(self) -> int:
+        """KV heads in this rank's cache: the model's count / tensor_parallel_size once sharded."""
+        return next(iter(self.runner.cache.k.values())).shape[1]
 
     @torch.inference_mode()  # the cache's buffers are inference tensors
     def cache_call(self, method: str, *args) -> None:
@@ -162,11 +151,11 @@ class TensorParallelRunner:
 
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])[0]
 
-    def prefill(self, seqs) -> torch.Tensor:
-        return self.call_all("prefill", [SequenceView.of(s) for s in seqs])
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        return self.call_all("prefill", [runner_view(s) for s in seqs])
 
-    def decode(self, seqs) -> torch.Tensor:
-        return self.call_all("decode", [SequenceView.of(s) for s in seqs])
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        return self.call_all("decode", [runner_view(s) for s in seqs])
 
     def shutdown(self) -> None:
         import ray

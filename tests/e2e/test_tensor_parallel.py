@@ -4,6 +4,7 @@ process, through the same engine (batching, slot moves, prefix-cache reuse)."""
 import random
 
 import pytest
+import ray
 
 from app.config import ModelConfig
 from app.engine.engine import LLMEngine
@@ -16,8 +17,6 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def ray_up():
     """Reuses the session's Ray when another test started it; the TP workers ask for no CPU."""
-    import ray
-
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -64,7 +63,8 @@ def test_tensor_parallel_2_equals_1_token_for_token(ray_up, model_path, referenc
     try:
         got = generate_all(sharded, requests)
         assert sharded.stats().prefix_hits > 0  # load_prefix went to both ranks
-        assert len(sharded.runner.workers) == 2
+        # each rank really holds half of the demo model's 4 KV heads
+        assert ray.get([w.kv_heads.remote() for w in sharded.runner.workers]) == [2, 2]
     finally:
         sharded.runner.shutdown()
     assert got == expected
