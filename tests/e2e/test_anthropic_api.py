@@ -328,6 +328,19 @@ def test_output_config_json_schema(claude):
     assert msg.stop_reason == "end_turn"
 
 
+def test_sdk_parse_and_stream_with_a_pydantic_output_format(claude):
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    parsed = claude.messages.parse(model=MODEL, messages=ASK, max_tokens=200, output_format=Person)
+    assert isinstance(parsed.parsed_output, Person)
+    with claude.messages.stream(model=MODEL, messages=ASK, max_tokens=200, output_format=Person) as s:
+        assert isinstance(s.get_final_message().parsed_output, Person)
+
+
 @pytest.mark.parametrize(
     "fields,names",
     [

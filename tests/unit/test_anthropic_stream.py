@@ -109,3 +109,13 @@ def test_forced_call_cut_short_before_its_name_is_text():
     events = events_of(adapter.BlockEvents(request("required"), None), ['{"na', 'me": "get_'])
     assert events[0]["content_block"]["type"] == "text"
     assert "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta") == '{"name": "get_'
+
+
+def test_disable_parallel_tool_use_keeps_the_first_call():
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "%s"}}</tool_call>'
+    text = call % "Paris" + call % "Rome"
+    starts = [e for e in events_of(adapter.BlockEvents(request("auto"), 1), [text]) if e["type"] == "content_block_start"]
+    assert [s["content_block"]["type"] for s in starts] == ["tool_use"]
+    _, calls = adapter.split_calls(request("auto"), text, 1)
+    assert [json.loads(c.arguments)["city"] for c in calls] == ["Paris"]
+    assert len(adapter.split_calls(request("auto"), text, None)[1]) == 2
