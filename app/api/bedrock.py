@@ -22,7 +22,6 @@ from app.api.protocol import GenerateRequest
 from app.engine.engine import RequestOutput
 from app.engine.sampling_params import SamplingParams
 
-MAX_STOP = 16
 
 # ConduitError status -> the Bedrock exception boto3 raises for it
 ERROR_TYPES = {
@@ -66,7 +65,7 @@ class InferenceConfig(_Strict):
     maxTokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=1)] | None = None
     topP: Annotated[float, Field(gt=0, le=1)] | None = None
-    stopSequences: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)] = []
+    stopSequences: list[Annotated[str, Field(min_length=1)]] = []  # count capped by ingress.input_limits
 
 
 class ConverseRequest(_Strict):

@@ -42,12 +42,16 @@ def test_embedding_inputs_cap(client):
     assert e.value.body["param"] == "input"
 
 
-def test_caps_apply_to_every_wire_format(server):
-    """The same cap, checked in the Pipeline, answered in Anthropic's error shape on its route."""
-    body = {"model": MODEL, "max_tokens": 2, "messages": HI * 2049}
+@pytest.mark.parametrize(
+    "fields,named", [({"messages": HI * 2049}, "messages"), ({"stop_sequences": [f"s{i}" for i in range(17)]}, "stop")]
+)
+def test_caps_apply_to_every_wire_format(server, fields, named):
+    """The same caps, checked in the Pipeline, answered in Anthropic's error shape on its route."""
+    body = {"model": MODEL, "max_tokens": 2, "messages": HI, **fields}
     response = httpx.post(f"{server}/v1/messages", json=body)
     assert response.status_code == 400
-    assert response.json()["type"] == "error" and "messages" in response.json()["error"]["message"]
+    error = response.json()
+    assert error["type"] == "error" and error["error"]["message"].startswith(f"{named}: at most"), error
 
 
 def test_within_the_caps_is_served(client):
