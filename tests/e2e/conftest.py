@@ -47,6 +47,18 @@ def app_args(model_path: str) -> dict:
     }
 
 
+def wait_until_up(url: str, limit_s: float = 120) -> None:
+    """Until GET `url` answers 200 (a freshly deployed app), for at most `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="session")
 def server(model_path):
     import ray
@@ -60,13 +72,7 @@ def server(model_path):
              _system_config={"metrics_report_interval_ms": 500})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(app_args(model_path)), name="conduit", route_prefix="/")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{BASE}/v1/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    wait_until_up(f"{BASE}/v1/models")
     yield BASE
     serve.shutdown()
     ray.shutdown()

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
-import httpx
 from ray import serve
 from ray.serve import Application
 
 from app.build import build_app
+from tests.e2e.conftest import wait_until_up
 
 LIGHT = {"ray_actor_options": {"num_cpus": 0.01}}  # logical CPUs only: these apps share the test cluster
 
@@ -42,14 +41,7 @@ def deploy(base: str, name: str, args: dict, options: dict[str, dict]) -> str:
     """Run (or update) app `name` at route prefix /name; returns its base URL once it answers."""
     serve.run(with_options(build_app(args), {"*": LIGHT, **options}), name=name, route_prefix=f"/{name}")
     url = f"{base}/{name}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
+    wait_until_up(f"{url}/health")
     return url
 
 

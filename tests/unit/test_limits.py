@@ -202,3 +202,40 @@ def test_gate_keys_open_paths_and_deadlines():
             assert e.value.status == 400 and e.value.param == "x-request-timeout"
 
     asyncio.run(run())
+
+
+def test_bounded_maps_deadline_backpressure_and_replica_loss():
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from app.api.faults import bounded, bounded_iter
+    from app.limits import Call, current_call
+
+    async def slow_items(closed: list):
+        try:
+            yield 1
+            await asyncio.sleep(1)
+            yield 2
+        finally:
+            closed.append(True)  # in the Pipeline: the model stream is cancelled, the engine aborts
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        current_call.set(Call(deadline=loop.time() + 0.05))
+        with pytest.raises(ConduitError) as e:
+            async with bounded():
+                await asyncio.sleep(1)
+        assert e.value.status == 504 and e.value.code == "deadline_exceeded"
+        closed, got = [], []
+        with pytest.raises(ConduitError):
+            async for item in bounded_iter(slow_items(closed)):
+                got.append(item)
+        assert got == [1] and closed
+        current_call.set(Call())
+        for error, code in ((BackPressureError(8, 8), "server_overloaded"), (ActorDiedError(), "replica_unavailable")):
+            with pytest.raises(ConduitError) as e:
+                async with bounded():
+                    raise error
+            assert e.value.status == 503 and e.value.code == code and e.value.headers["retry-after"] == "1"
+
+    asyncio.run(run())
