@@ -336,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
     parser.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos / min_tokens")
+    parser.add_argument("--suffix", default=None,
+                        help="fill-in-the-middle: send this suffix with each prompt (code-completion latency)")
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--out-png", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = asyncio.run(run_benchmark(
             args.url, args.model, concurrency=args.concurrency, rate=args.rate, num_requests=args.num_requests,
             prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, chat=args.chat,
-            ignore_eos=not args.no_ignore_eos,
+            ignore_eos=not args.no_ignore_eos, extra_body=None if args.suffix is None else {"suffix": args.suffix},
         ))
     except (httpx.HTTPError, RuntimeError) as e:  # server down or refusing: one line, not a traceback
         print(f"benchmark of {args.url} failed: {type(e).__name__}: {e}", file=sys.stderr)
