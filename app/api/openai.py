@@ -14,8 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from app.api import tools
 from app.api.errors import ConduitError, invalid
 from app.api.openai_extras import (
-    MAX_TOP_LOGPROBS, ChatTool, MessageToolCall, ResponseFormat, ToolChoice, chat_logprobs, completion_logprobs,
-    tool_call_json,
+    ChatTool, MessageToolCall, ResponseFormat, ToolChoice, chat_logprobs, completion_logprobs, tool_call_json,
 )
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
@@ -113,7 +112,7 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0)] | None = None  # cap: ingress.input_limits
     response_format: ResponseFormat | None = None
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
@@ -165,7 +164,7 @@ class ChatCompletionRequest(_Request):
 class CompletionRequest(_Request):
     prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=1)]
     max_tokens: Annotated[int, Field(gt=0)] | None = 16  # OpenAI's default for completions
-    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    logprobs: Annotated[int, Field(ge=0)] | None = None  # cap: ingress.input_limits
     echo: bool = False
     suffix: str | None = None  # fill-in-the-middle (needs a model with FIM tokens)
 

@@ -14,7 +14,6 @@ from app.api.tools import ToolCall
 from app.engine.logprobs import Logprob, TokenLogprobs
 from app.engine.sampling_params import GuidedDecoding
 
-MAX_TOP_LOGPROBS = 20  # vLLM's cap (OpenAI's: 20 for chat, 5 for completions)
 FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
 

@@ -11,6 +11,10 @@ pytestmark = pytest.mark.e2e
 HI = [{"role": "user", "content": "hi"}]
 
 
+def tool(i: int) -> dict:
+    return {"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object", "properties": {}}}}
+
+
 @pytest.mark.parametrize(
     "kwargs,param",
     [
@@ -22,6 +26,8 @@ HI = [{"role": "user", "content": "hi"}]
         ({"messages": HI * 2049}, "messages"),
         ({"max_tokens": 32_769}, "max_tokens"),
         ({"max_tokens": 2**70}, "max_tokens"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"tools": [tool(i) for i in range(129)]}, "tools"),
     ],
 )
 def test_chat_caps_name_the_field(client, kwargs, param):
@@ -34,6 +40,9 @@ def test_completions_caps(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=2, stop=[f"s{i}" for i in range(17)])
     assert e.value.body["param"] == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, logprobs=21)
+    assert e.value.body["param"] == "logprobs" and "at most 20" in e.value.body["message"]
 
 
 def test_embedding_inputs_cap(client):
