@@ -43,7 +43,8 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int], na
     """logits: [rows, vocab] raw model logits; row i scored for `token_ids[i]` with `ks[i]` alternatives."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device)[:, None])[:, 0].tolist()
-    top_values, top_ids = logprobs.topk(max(ks), dim=-1) if max(ks) > 0 else (None, None)
+    most = min(max(ks), logprobs.shape[-1])  # never more alternatives than the vocabulary holds
+    top_values, top_ids = logprobs.topk(most, dim=-1) if most > 0 else (None, None)
     result = []
     for i, (token_id, k) in enumerate(zip(token_ids, ks)):
         top = []

@@ -38,6 +38,7 @@ def test_token_logprobs_math():
     assert [t.token_id for t in rows[0].top] == [2, 1] and rows[0].top[0].token == "<2>"
     assert rows[0].top[1].logprob == pytest.approx(float(expected[0, 1]))
     assert rows[1].top == [] and rows[1].chosen.logprob == pytest.approx(float(expected[1, 2]))
+    assert len(token_logprobs(logits, [0, 2], [9, 0], names)[0].top) == 3  # capped at the vocabulary
 
 
 def test_output_and_prompt_logprobs_match_a_forward_pass(hf_model):
