@@ -73,7 +73,10 @@ class GuidedCompiler:
     own cache is off: with it on, long `{0,256}` repeats in a pattern fail an internal check)."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], cache_size: int = 64):
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        try:
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        except Exception as e:  # a ValueError refuses the request; anything else would end the engine loop
+            raise ValueError(f"guided decoding is not available for this model's tokenizer: {e}") from None
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self.vocab_size = vocab_size
         # Compact JSON never holds a raw control character, but xgrammar's bounded-string rule
