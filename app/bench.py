@@ -323,9 +323,9 @@ def plot_summary(summary: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m app.bench") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m app.bench", description="Benchmark an OpenAI-compatible server with streaming requests."
+        prog=prog, description="Benchmark an OpenAI-compatible server with streaming requests."
     )
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (without /v1)")
     parser.add_argument("--model", default=None, help="model id (default: the first one /v1/models lists)")

@@ -1,6 +1,9 @@
 """GET /metrics: vLLM's names, numbers that equal what the API returned, everything the dashboard
 queries; and request ids that come back and reach every stage's log."""
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -103,16 +106,41 @@ def test_every_metric_the_dashboard_may_query_is_served(server, client):
     assert {"Ingress", "Tokenizer", f"Model-{MODEL}"} <= healthy
 
 
-def test_request_id_comes_back_and_every_stage_logs_it(server, client):
+def serve_logs(prefix: str) -> list[str]:
+    """Lines of this session's Serve replica logs whose file name starts with `prefix`."""
     import ray
 
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return [line for path in logs.glob(f"{prefix}_*.log") for line in path.read_text().splitlines()]
+
+
+def test_model_loading_reports_progress(server):
+    lines = serve_logs(f"replica_conduit_Model-{MODEL}")
+    for stage in ("1/4: config", "2/4: tokenizer", "3/4: weights", "4/4: engine"):
+        assert any(f"model {MODEL}: loading {stage}" in line for line in lines), stage
+    assert any(f"model {MODEL}: loaded in" in line for line in lines)
+
+
+def test_conduit_status_shows_deployments_and_model_replicas(server):
+    import ray
+
+    conduit = Path(sys.executable).with_name("conduit")
+    res = subprocess.run([str(conduit), "status", "--address", ray.get_runtime_context().gcs_address],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any(f"Model-{MODEL}" in line and "HEALTHY" in line and "1 RUNNING" in line for line in lines), res.stdout
+    model_rows = [line for line in lines if line.strip("│ ").startswith(MODEL + " ")]
+    assert model_rows and all("%" in row and "100%" in row for row in model_rows), res.stdout  # KV usage, loaded
+
+
+def test_request_id_comes_back_and_every_stage_logs_it(server, client):
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, extra_headers={"x-request-id": "abc"}
     )
     assert raw.headers["x-request-id"] == "abc"
     assert raw.parse().id == "chatcmpl-abc"
 
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
     wanted = {
         "ingress access line": ("replica_conduit_Ingress", "access request_id=abc"),
         "tokenizer": ("replica_conduit_Tokenizer", "request abc: "),
@@ -121,13 +149,12 @@ def test_request_id_comes_back_and_every_stage_logs_it(server, client):
     deadline = time.monotonic() + 10
     while True:
         missing = [stage for stage, (prefix, text) in wanted.items()
-                   if not any(text in p.read_text() for p in logs.glob(f"{prefix}_*.log"))]
+                   if not any(text in line for line in serve_logs(prefix))]
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert not missing, f"no log line with request id abc from: {missing}"
-    access = next(line for p in logs.glob("replica_conduit_Ingress_*.log") for line in p.read_text().splitlines()
-                  if "access request_id=abc" in line)
+    access = next(line for line in serve_logs("replica_conduit_Ingress") if "access request_id=abc" in line)
     for field in ("route=/v1/chat/completions", f"model={MODEL}", "status=200", "completion_tokens=3",
                   "ttft_ms=", "total_ms=", "finish_reason=length"):
         assert field in access

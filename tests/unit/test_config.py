@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -60,3 +61,19 @@ def test_cli_validate(tmp_path):
     res = subprocess.run([*conduit, "validate", str(bad)], capture_output=True, text=True)
     assert res.returncode != 0
     assert "args.models[0].engine.max_num_seqs" in res.stderr
+
+
+@pytest.mark.parametrize("command", ["validate", "run", "status", "bench", "demo-model"])
+def test_cli_help(command):
+    conduit = Path(sys.executable).with_name("conduit")  # the command the package installs
+    res = subprocess.run([str(conduit), command, "--help"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"conduit {command}" in res.stdout.replace("Usage: ", "usage: ")
+
+
+def test_cli_bench_passes_its_arguments_on():
+    # a server that is not there: app/bench.py's own one-line failure and exit code 2
+    res = subprocess.run([sys.executable, "-m", "app.cli", "bench", "--url", "http://127.0.0.1:9", "--model", "m",
+                          "--num-requests", "1"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "benchmark of http://127.0.0.1:9 failed" in res.stderr
