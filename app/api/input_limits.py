@@ -14,14 +14,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.api.errors import ConduitError, invalid
 from app.api.protocol import GenerateRequest
 from app.config import InputLimits
+from app.engine.sampling_params import SamplingParams
 
 
 def check_generate(req: GenerateRequest, limits: InputLimits) -> None:
     """400 naming the field (OpenAI's name for it) when a generation request asks for too much."""
     _at_most(len(req.messages or ()), limits.max_messages, "messages", "messages")
     _at_most(req.n, limits.max_n, "n", "choices")
-    if req.max_tokens_given:
-        _at_most(req.sampling.max_tokens, limits.max_tokens, "max_tokens", "tokens to generate")
     stop = req.sampling.stop
     _at_most(len(stop), limits.max_stop_sequences, "stop", "stop sequences")
     for text in stop:
@@ -33,6 +32,15 @@ def check_generate(req: GenerateRequest, limits: InputLimits) -> None:
         if alternatives is not None:
             _at_most(alternatives, limits.max_top_logprobs, logprobs_param, "alternatives per token")
     _at_most(len(req.tools), limits.max_tools, "tools", "tools")
+
+
+def cap_max_tokens(req: GenerateRequest, sampling: SamplingParams, limits: InputLimits) -> None:
+    """After tokenizing, so that the context window's error (which says more) comes first: a given
+    max_tokens past the cap is a 400; an unset one (the rest of the window) is lowered to the cap."""
+    if req.max_tokens_given:
+        _at_most(sampling.max_tokens, limits.max_tokens, "max_tokens", "tokens to generate")
+    else:
+        sampling.max_tokens = min(sampling.max_tokens, limits.max_tokens)
 
 
 def check_embedding_inputs(count: int, limits: InputLimits) -> None:

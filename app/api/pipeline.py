@@ -15,7 +15,7 @@ import numpy as np
 from app import access_log
 from app.api.errors import invalid
 from app.api.faults import bounded, bounded_iter
-from app.api.input_limits import check_embedding_inputs, check_generate
+from app.api.input_limits import cap_max_tokens, check_embedding_inputs, check_generate
 from app.api.protocol import GenerateRequest, PreparedRequest
 from app.config import InputLimits
 from app.engine.engine import RequestOutput
@@ -53,8 +53,7 @@ class Pipeline:
         prepared = await self.tokenizer.prepare.remote(req)
         current_call.get().charge(len(prepared.prompt_ids))  # the key's tokens per minute
         access_log.tokenized(req.model, len(prepared.prompt_ids), time.monotonic() - started, req.messages or req.prompt)
-        if not req.max_tokens_given:  # the rest of the context window, within the cap
-            prepared.sampling.max_tokens = min(prepared.sampling.max_tokens, self.limits.max_tokens)
+        cap_max_tokens(req, prepared.sampling, self.limits)
         if req.n == 1:
             return [prepared]
         seed = prepared.sampling.seed

@@ -3,7 +3,7 @@
 import pytest
 
 from app.api.errors import ConduitError
-from app.api.input_limits import check_embedding_inputs, check_generate, surrogate_error
+from app.api.input_limits import cap_max_tokens, check_embedding_inputs, check_generate, surrogate_error
 from app.api.protocol import GenerateRequest, ToolSpec
 from app.config import parse_app_config
 from app.engine.sampling_params import SamplingParams
@@ -27,7 +27,6 @@ def request(messages=1, n=1, tools=0, **sampling) -> GenerateRequest:
     [
         (request(messages=3), "messages"),
         (request(n=3), "n"),
-        (request(max_tokens=11), "max_tokens"),
         (request(stop=["a", "b"]), "stop"),
         (request(stop=["abcd"]), "stop"),
         (request(stop=[""]), "stop"),
@@ -42,11 +41,19 @@ def test_each_cap_names_its_field(req, param):
     assert e.value.status == 400 and e.value.param == param
 
 
-def test_within_the_caps_passes_and_unset_max_tokens_is_not_judged():
+def test_within_the_caps_passes():
     check_generate(request(messages=2, n=2, max_tokens=10, stop=["abc"], logprobs=2, tools=1), LIMITS)
-    unset = request(max_tokens=10**6)
-    unset.max_tokens_given = False  # the pipeline clamps it to the cap instead
-    check_generate(unset, LIMITS)
+
+
+def test_max_tokens_given_past_the_cap_is_refused_and_unset_is_lowered():
+    given = request(max_tokens=11)
+    with pytest.raises(ConduitError) as e:
+        cap_max_tokens(given, given.sampling, LIMITS)
+    assert e.value.param == "max_tokens"
+    unset = request(max_tokens=10**6)  # what the tokenizer fills in: the rest of the context window
+    unset.max_tokens_given = False
+    cap_max_tokens(unset, unset.sampling, LIMITS)
+    assert unset.sampling.max_tokens == 10
 
 
 def test_completions_name_logprobs():
