@@ -31,7 +31,10 @@ ERROR_TYPES = {
     413: "ValidationException",
     429: "ThrottlingException",
     503: "ServiceUnavailableException",
+    504: "ModelTimeoutException",  # the ingress's deadline passed
 }
+# by ConduitError code: the model's replica was lost mid-request; boto3 retries ModelNotReadyException itself
+ERROR_CODES = {"replica_unavailable": "ModelNotReadyException"}
 # ... and the members of ConverseStream's event union for errors after the stream began
 STREAM_ERROR_TYPES = {400: "validationException", 429: "throttlingException", 503: "serviceUnavailableException"}
 
@@ -114,7 +117,7 @@ def converse_response(out: RequestOutput, started: float) -> dict:
 
 def error_response(err: ConduitError) -> JSONResponse:
     default = "ValidationException" if err.status < 500 else "InternalServerException"
-    error_type = ERROR_TYPES.get(err.status, default)
+    error_type = ERROR_CODES.get(err.code) or ERROR_TYPES.get(err.status, default)
     return JSONResponse({"message": err.message}, status_code=err.status, headers={"x-amzn-ErrorType": error_type})
 
 

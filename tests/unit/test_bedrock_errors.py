@@ -15,17 +15,19 @@ def client():
         "bedrock-runtime", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
 
 
-@pytest.mark.parametrize("status, code", [
-    (400, "ValidationException"),
-    (404, "ResourceNotFoundException"),
-    (413, "ValidationException"),
-    (429, "ThrottlingException"),
-    (500, "InternalServerException"),
-    (503, "ServiceUnavailableException"),
+@pytest.mark.parametrize("status, conduit_code, code", [
+    (400, None, "ValidationException"),
+    (404, None, "ResourceNotFoundException"),
+    (413, None, "ValidationException"),
+    (429, None, "ThrottlingException"),
+    (500, None, "InternalServerException"),
+    (503, "server_overloaded", "ServiceUnavailableException"),
+    (503, "replica_unavailable", "ModelNotReadyException"),
+    (504, "deadline_exceeded", "ModelTimeoutException"),
 ])
-def test_status_maps_to_boto3_exception(client, status, code):
+def test_error_maps_to_boto3_exception(client, status, conduit_code, code):
     shape = client.meta.service_model.operation_model("Converse").output_shape
-    response = error_response(ConduitError("the reason", status))
+    response = error_response(ConduitError("the reason", status, code=conduit_code))
     parsed = RestJSONParser().parse(
         {"status_code": response.status_code, "headers": dict(response.headers), "body": response.body}, shape)
     assert parsed["Error"] == {"Code": code, "Message": "the reason"}
