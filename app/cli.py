@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import typer
@@ -33,6 +34,22 @@ def _load_apps(config_path: Path) -> list[dict]:
     return apps
 
 
+def with_vertex_port(config_path: Path) -> Path:
+    """On Vertex AI the container must serve on $AIP_HTTP_PORT, on every interface (Vertex's traffic
+    comes from outside the container): a copy of the config with those http_options, or the config
+    itself when the variable is unset."""
+    port = os.environ.get("AIP_HTTP_PORT")
+    if not port:
+        return config_path
+    if not port.isdigit():
+        raise ValueError(f"AIP_HTTP_PORT must be a port number, not {port!r}")
+    raw = yaml.safe_load(config_path.read_text())
+    raw["http_options"] = {**(raw.get("http_options") or {}), "host": "0.0.0.0", "port": int(port)}
+    derived = Path(tempfile.mkdtemp(prefix="conduit-")) / config_path.name
+    derived.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return derived
+
+
 @cli.command()
 def validate(config: Path = typer.Argument(Path("serve_config.yaml"), exists=True, dir_okay=False)):
     """Check a serve config (Ray's schema and Conduit's typed args) without starting anything."""
@@ -49,6 +66,7 @@ def run(config: Path = typer.Argument(Path("serve_config.yaml"), exists=True, di
     """Serve a config on a local Ray instance (foreground; Ctrl-C stops everything)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        config = with_vertex_port(config)
         apps = _load_apps(config)
     except (ConfigError, ValueError) as e:
         typer.echo(f"{config}: {e}", err=True)
