@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.errors import ConduitError
+from app.api.errors import ConduitError, stream_failure
 from app.api.openai import SSE_DONE, sse
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
@@ -25,9 +25,10 @@ from app.engine.sampling_params import SamplingParams
 
 PREFIX = "/client/v4/accounts/"
 CATALOG_NAMESPACES = ("@cf/", "@hf/")
-# Workers AI's internal error codes for the statuses we answer (its published error table);
-# invalid input is 5006, as Workers AI answers schema violations; other 5xx keep their status
-ERROR_CODES = {404: 5007, 408: 3007, 413: 3006, 429: 3040, 503: 3040}
+# Workers AI's internal error codes for the statuses we answer (its published error table; 10000
+# is the Cloudflare API's authentication error); invalid input is 5006, as Workers AI answers schema
+# violations; other 5xx keep their status
+ERROR_CODES = {401: 10000, 404: 5007, 408: 3007, 413: 3006, 429: 3040, 503: 3040, 504: 3007}
 
 
 class Message(BaseModel):
@@ -118,7 +119,7 @@ async def response_events(stream):
             if out.finished:
                 yield sse({"response": "", "usage": usage(out)})
     except Exception as e:  # after the 200 the status is sent: report in the stream, never cut silently
-        err = e if isinstance(e, ConduitError) else ConduitError(f"generation failed: {e}", 500)
+        err = stream_failure(e)
         yield sse({"errors": [{"code": error_code(err.status), "message": err.message}]})
     finally:
         await stream.aclose()

@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.errors import ConduitError, invalid
+from app.api.errors import ConduitError, invalid, stream_failure
 from app.api.openai import sse
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
@@ -238,7 +238,7 @@ async def token_events(stream, body: GenerateBody, seed: int | None) -> AsyncIte
                         event["details"] = {**details(out, seed), "input_length": out.num_prompt_tokens}
                 yield sse(event)
     except Exception as e:  # after the 200 the status is sent: TGI reports errors as an event
-        err = e if isinstance(e, ConduitError) else ConduitError(f"generation failed: {e}", 500)
+        err = stream_failure(e)
         yield sse({"error": err.message, "error_type": "generation" if err.status >= 500 else "validation"})
     finally:
         await stream.aclose()
