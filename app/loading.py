@@ -58,25 +58,22 @@ def load_model(config: ModelConfig, device: str):
 
 def load_replica_model(config: ModelConfig, device: str):
     """(model, runner) for `LLMEngine`. With tensor parallelism the weights live in the worker
-    actors, and this process keeps only the configs the engine reads (eos ids)."""
+    actors, and `model` stands in with their configs."""
     if config.engine.tensor_parallel_size == 1:
         return load_model(config, device), None
-    from types import SimpleNamespace
-
     from transformers import AutoConfig, GenerationConfig
 
-    from app.engine.tensor_parallel import TensorParallelRunner
+    from app.engine.tensor_parallel import TensorParallelModel, TensorParallelRunner
 
     source, remote = config.resolved_source, config.trust_remote_code
     try:
         generation_config = GenerationConfig.from_pretrained(source, trust_remote_code=remote)
     except OSError:  # the model ships none
         generation_config = None
-    model_configs = SimpleNamespace(
-        config=AutoConfig.from_pretrained(source, trust_remote_code=remote), generation_config=generation_config
-    )
     log.info("model %s: %d tensor-parallel workers on %s", config.name, config.engine.tensor_parallel_size, device)
-    return model_configs, TensorParallelRunner(config, device)
+    runner = TensorParallelRunner(config, device)
+    hf_config = AutoConfig.from_pretrained(source, trust_remote_code=remote)
+    return TensorParallelModel(hf_config, generation_config), runner
 
 
 def build_engine(config: ModelConfig, device: str):

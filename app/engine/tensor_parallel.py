@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 
 import torch
 
@@ -162,3 +163,13 @@ class TensorParallelRunner:
 
         for worker in self.workers:
             ray.kill(worker)
+
+
+@dataclass
+class TensorParallelModel:
+    """Stands in for the model in the replica process (the weights live in the rank workers): the
+    configs the engine reads for eos ids. The engine refuses what needs the weights here (prompt
+    logprobs), since it checks for a torch module."""
+
+    config: object
+    generation_config: object | None
