@@ -224,34 +224,6 @@ class RateLimitConfig(Strict):
 
     requests_per_minute: int | None = Field(None, gt=0)
     tokens_per_minute: int | None = Field(None, gt=0, description="prompt + generated tokens")
-    request_timeout_s: float = Field(
-        600, gt=0, description="deadline of one request; a client may ask for less (x-request-timeout header)"
-    )
-    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed (CORS); none: off")
-
-
-class AuthConfig(Strict):
-    """API keys, by reference only: the config never holds a key itself."""
-
-    api_keys_env: str | None = Field(
-        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="env var holding comma-separated API keys"
-    )
-    api_keys_file: str | None = Field(None, min_length=1, description="file of sha256 hex hashes of keys, one a line")
-    protect_health: bool = Field(False, description="/health and /metrics need a key too")
-    allow_unauthenticated: bool = Field(
-        False, description="serve a non-loopback host with no keys (only behind a gateway that authenticates)"
-    )
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.api_keys_env or self.api_keys_file)
-
-
-class RateLimitConfig(Strict):
-    """Per API key, over the whole cluster, in fixed one-minute windows."""
-
-    requests_per_minute: int | None = Field(None, gt=0)
-    tokens_per_minute: int | None = Field(None, gt=0, description="prompt + generated tokens")
 
 
 class LogConfig(Strict):
@@ -266,10 +238,6 @@ class AppConfig(Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
     logging: LogConfig = Field(default_factory=LogConfig)
-    auth: AuthConfig = Field(default_factory=AuthConfig)
-    rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
-    auth: AuthConfig = Field(default_factory=AuthConfig)
-    rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> AppConfig:
