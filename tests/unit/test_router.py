@@ -19,7 +19,8 @@ def test_model_table_resolves_names_and_aliases():
 
 
 def choose(prompt_ids, replicas):
-    router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)  # choose_replicas needs no router state
+    router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)  # choose_replicas needs only its deployment id
+    router._deployment_id = SimpleNamespace(name="Model-m")
     pending = SimpleNamespace(args=[PreparedRequest("r", "m", prompt_ids)])
     return asyncio.run(router.choose_replicas(replicas, pending))
 
