@@ -21,7 +21,15 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/conduit run serve_config.yaml
 
+# tests/e2e/test_prometheus.py scrapes Conduit with a real Prometheus (Debian's package)
+PROMETHEUS := $(shell command -v prometheus)
+SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 test: $(STAMP)
+ifeq ($(PROMETHEUS),)
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus
+endif
 	$(PY) -m pytest -q tests
 
 clean:
