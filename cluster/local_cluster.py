@@ -47,7 +47,7 @@ class NodeStartFailed(RuntimeError):
     pass
 
 
-def _stop_process(proc: subprocess.Popen, wait_s: float = 30) -> None:
+def _stop_process(proc: subprocess.Popen, wait_s: float = 10) -> None:
     """Stop one `ray start` and every process of its node (its own process group)."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
