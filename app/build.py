@@ -19,9 +19,9 @@ from deployments.router import PrefixAffinityRouter
 from deployments.tokenizer import Tokenizer
 
 
-def build_app(args: dict, model_options: dict[str, dict] | None = None) -> Application:
-    """`model_options`: extra Serve options for a model's deployment, by model name (e.g. an
-    `autoscaling_config`): for `serve.run` from Python, where no serve_config.yaml `deployments:` apply."""
+def build_app(args: dict) -> Application:
+    """serve_config.yaml's import_path: Serve calls it with `args` and requires exactly one parameter
+    (Python callers override deployment options on the result, e.g. tests/e2e/variants.with_options)."""
     config = parse_app_config(args)
     cluster_gpus = check_live_cluster(config)
     for model in config.models:
@@ -35,7 +35,6 @@ def build_app(args: dict, model_options: dict[str, dict] | None = None) -> Appli
             name=m.deployment_name,
             request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter),
             logging_config=logs,
-            **(model_options or {}).get(m.name, {}),
             **replica_options(m, uses_gpu(m, cluster_gpus)),
         ).bind(m)
         for m in config.models

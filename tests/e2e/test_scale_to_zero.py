@@ -46,11 +46,13 @@ def scaled_app(server, model_path):
     from ray import serve
 
     from app.build import build_app
+    from app.config import deployment_name
+    from tests.e2e.variants import with_options
 
     args = {"models": [{"name": MODEL, "source": model_path, "engine": {"max_num_seqs": 2, "max_model_len": 128}}]}
     # no logical CPU: the shared cluster's are all taken by the main app (the replica still gets a thread)
-    options = {MODEL: {"autoscaling_config": SCALE_TO_ZERO, "ray_actor_options": {"num_cpus": 0}}}
-    serve.run(build_app(args, model_options=options), name=APP, route_prefix=PREFIX)
+    options = {deployment_name("Model", MODEL): {"autoscaling_config": SCALE_TO_ZERO, "ray_actor_options": {"num_cpus": 0}}}
+    serve.run(with_options(build_app(args), options), name=APP, route_prefix=PREFIX)
     yield OpenAI(base_url=f"{server}{PREFIX}/v1", api_key="unused", max_retries=0, timeout=120)
     serve.delete(APP)
 
