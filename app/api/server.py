@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
 
 from app import access_log, metrics
 from app.api.errors import ConduitError
@@ -48,6 +49,8 @@ def validation_error(exc: RequestValidationError) -> ConduitError:
         return ConduitError(f"We could not parse the JSON body of your request: {err.get('msg')}", param=None)
     if err.get("type") == "extra_forbidden":
         return ConduitError(f"Unrecognized request argument supplied: {param}", param=param, code="unsupported_parameter")
+    if param is None:  # a rule over the whole body (a model validator), no one field to name
+        return ConduitError(f"Invalid request body: {err.get('msg')}")
     return ConduitError(f"Invalid value for '{param}': {err.get('msg')}", param=param)
 
 
@@ -77,6 +80,12 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
     @api.exception_handler(ConduitError)
     async def on_conduit_error(request: Request, exc: ConduitError):
         return error_response(request, exc)
+
+    # FastAPI's own 4xx (a body that is not UTF-8, an unknown path or method): the API's shape too,
+    # not Starlette's {"detail": ...}
+    @api.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException):
+        return error_response(request, ConduitError(str(exc.detail), exc.status_code, headers=exc.headers))
 
     # innermost, after the key is checked: reads the body (bounded) and refuses unusable JSON text
     api.add_middleware(BodyGuard, max_bytes=config.ingress.max_request_bytes, reject=error_response)
