@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from app.cli import cli
-from app.config import PROJECT_ROOT
+from app.config import PROJECT_ROOT, RAY_SERVE_ENV
 from app.kuberay import cluster_serve_config, rayservice_manifest
 
 CLUSTER = PROJECT_ROOT / "cluster"
@@ -42,8 +42,17 @@ def test_kuberay_manifest_embeds_serve_config():
     manifest = yaml.safe_load((CLUSTER / "kuberay-rayservice.yaml").read_text())
     assert manifest["kind"] == "RayService"
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    # the only change: inside a pod the proxy must listen on the pod IP, not loopback
-    assert embedded == {**SERVE_CONFIG, "http_options": {**SERVE_CONFIG["http_options"], "host": "0.0.0.0"}}
+    # the only changes: inside a pod the proxy listens on the pod IP, not loopback, so API keys
+    # (from a Secret) are required; everything else is serve_config.yaml as it is
+    assert embedded["http_options"] == {**SERVE_CONFIG["http_options"], "host": "0.0.0.0"}
+    for app, original in zip(embedded["applications"], SERVE_CONFIG["applications"], strict=True):
+        assert app["args"].pop("auth") == {"api_keys_env": "CONDUIT_API_KEYS"}
+        assert app == original
+    assert {k: v for k, v in embedded.items() if k != "applications" and k != "http_options"} == \
+        {k: v for k, v in SERVE_CONFIG.items() if k != "applications" and k != "http_options"}
+    head = manifest["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in head["env"]}
+    assert {k: env[k] for k in RAY_SERVE_ENV} == RAY_SERVE_ENV and "CONDUIT_API_KEYS" in env
 
 
 def test_committed_manifest_is_what_conduit_kuberay_writes(tmp_path):
