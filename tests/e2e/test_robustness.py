@@ -122,7 +122,9 @@ def test_deadline_non_streamed_and_streamed(small):
     result = asyncio.run(streamed())
     assert result["status"] == 200 and result["done"] and result["finish"] is None
     assert [e["error"]["code"] for e in result["errors"]] == ["deadline_exceeded"]
-    anthropic = {"model": MODEL, "max_tokens": 480, "stream": True, "messages": [{"role": "user", "content": "go on"}]}
+    # greedy: a sampled reply could end at EOS before the deadline (this greedy one runs to max_tokens)
+    anthropic = {"model": MODEL, "max_tokens": 480, "stream": True, "temperature": 0,
+                 "messages": [{"role": "user", "content": "go on"}]}
     with httpx.stream("POST", f"{small}/v1/messages", json=anthropic, headers=headers, timeout=10) as r:
         events = [line for line in r.iter_lines() if line.startswith("event: ")]
     assert r.status_code == 200 and events[-1] == "event: error" and "event: message_stop" not in events
