@@ -30,7 +30,10 @@ ifeq ($(PROMETHEUS),)
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus
 endif
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/e2e/test_multinode.py
+	# its own process: it starts a 3-node cluster beside the one the session's other tests hold, and
+	# in one process with them pytest was killed outright (no report) on the 2-core CI box
+	$(PY) -m pytest -q tests/e2e/test_multinode.py
 
 clean:
 	rm -rf $(VENV) .cache
