@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/conduit run serve_config.yaml
 
+# Each in a pytest process of its own, after the rest (known issue, not yet understood): after the
+# other e2e modules ran in the same session, the metrics tests found series missing from Ray's export,
+# and the multinode test (a 3-node cluster beside the session's) got pytest killed without a report.
+ISOLATED := tests/e2e/test_metrics.py tests/e2e/test_prometheus.py tests/e2e/test_multinode.py
+
 # tests/e2e/test_prometheus.py scrapes Conduit with a real Prometheus (Debian's package)
 PROMETHEUS := $(shell command -v prometheus)
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -30,10 +35,8 @@ ifeq ($(PROMETHEUS),)
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus
 endif
-	$(PY) -m pytest -q tests --ignore=tests/e2e/test_multinode.py
-	# its own process: it starts a 3-node cluster beside the one the session's other tests hold, and
-	# in one process with them pytest was killed outright (no report) on the 2-core CI box
-	$(PY) -m pytest -q tests/e2e/test_multinode.py
+	$(PY) -m pytest -q tests $(ISOLATED:%=--ignore=%)
+	$(foreach t,$(ISOLATED),$(PY) -m pytest -q $(t) &&) true
 
 clean:
 	rm -rf $(VENV) .cache
