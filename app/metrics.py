@@ -235,6 +235,9 @@ class ModelMetrics:
         ray_metric("vllm:num_requests_waiting").set(stats.num_waiting, tags=self.tags)
         usage = stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0
         ray_metric("vllm:kv_cache_usage_perc").set(usage, tags=self.tags)
+        # the engine runs, so loading is done; re-set every interval because Ray's export drops a
+        # gauge series left unset for a while (seen: gone ~10 min after start)
+        ray_metric("conduit:model_load_progress").set(1.0, tags=self.tags)
         current = {
             "vllm:prefix_cache_queries": stats.prefix_queries * self.block_size,
             "vllm:prefix_cache_hits": stats.prefix_hits * self.block_size,

@@ -107,6 +107,6 @@ def test_conduit_run_serves_and_stops_on_ctrl_c(tmp_path):
     try:
         assert wait_and_ask(port, proc)["object"] == "chat.completion"
     finally:
-        stop_group(proc)
+        stop_group(proc, wait_s=150)  # Serve's graceful shutdown of every replica: ~30 s an ingress here
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
