@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.api import eventstream
-from app.api.errors import ConduitError
+from app.api.errors import ConduitError, stream_failure
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
 from app.engine.engine import RequestOutput
@@ -131,7 +131,7 @@ async def converse_events(stream, started: float):
                 yield eventstream.event("contentBlockDelta", {"delta": {"text": out.text}, "contentBlockIndex": 0})
             last = out
     except Exception as e:  # after the 200 the status is sent: an exception event is how Bedrock reports it
-        err = e if isinstance(e, ConduitError) else ConduitError(f"generation failed: {e}", 500)
+        err = stream_failure(e)
         yield eventstream.exception(STREAM_ERROR_TYPES.get(err.status, "internalServerException"), err.message)
         return
     finally:

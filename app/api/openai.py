@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.api import tools
-from app.api.errors import ConduitError, invalid
+from app.api.errors import ConduitError, invalid, stream_failure
 from app.api.openai_extras import (
     ChatTool, MessageToolCall, ResponseFormat, ToolChoice, chat_logprobs, completion_logprobs, tool_call_json,
 )
@@ -418,7 +418,7 @@ async def _sse(builder: ResponseBuilder, stream, n: int):
         if builder.include_usage:
             yield builder.usage_chunk([last[i] for i in range(n)])
     except Exception as e:  # after the 200 the status is sent: report in the stream, never cut silently
-        err = e if isinstance(e, ConduitError) else ConduitError(f"generation failed: {e}", 500, "server_error")
+        err = stream_failure(e)
         yield sse(error_body(err))
     finally:
         await stream.aclose()
