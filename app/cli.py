@@ -12,7 +12,7 @@ import typer
 import yaml
 
 from app.auth import check_exposure
-from app.config import RAY_SERVE_ENV, ConfigError, parse_app_config
+from app.config import LOCAL_RAY_SERVE_ENV, ConfigError, parse_app_config
 from app.resources import check_deployment_options
 
 cli = typer.Typer(help="Conduit: LLM inference on Ray Serve.", no_args_is_help=True, add_completion=False)
@@ -80,7 +80,7 @@ def run(config: Path = typer.Argument(Path("serve_config.yaml"), exists=True, di
     typer.echo("starting Ray and Serve; model replicas log their loading progress below ...")
     # `serve run` applies the file exactly as `serve deploy` would; we only add the checks above.
     # Local dev server on loopback: Ray's token auth is off, as Ray's own local quick start has it.
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **RAY_SERVE_ENV}
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **LOCAL_RAY_SERVE_ENV}
     serve_bin = Path(sys.executable).with_name("serve")
     os.execve(str(serve_bin), [str(serve_bin), "run", str(config)], env)
 

@@ -20,6 +20,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # That mode also holds replica log records back until 1000 have piled up; Conduit writes a few lines per
 # request (not per token), and an access log that lags by a thousand lines is no use to an operator.
 RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
+# A single-machine server (`conduit run`, the tests) has no load balancer that must first deregister a
+# stopping ingress, so the ingress need not hold its 30 s minimum draining period (it still finishes
+# every request in flight): Ctrl-C then stops in seconds. Clusters keep Ray's default.
+LOCAL_RAY_SERVE_ENV = {**RAY_SERVE_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
 class Strict(BaseModel):

@@ -25,7 +25,8 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(
     name="Embedder",
-    ray_actor_options={"num_cpus": 1},
+    # a quarter CPU: MiniLM-size encoders are light, and the default pipeline must fit a 2-core machine
+    ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=64,
     health_check_period_s=10,
 )

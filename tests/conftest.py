@@ -2,16 +2,16 @@ import os
 
 import pytest
 
-from app.config import PROJECT_ROOT, RAY_SERVE_ENV
+from app.config import LOCAL_RAY_SERVE_ENV, PROJECT_ROOT
 from app.demo_model import build_demo_model
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# The Ray processes the tests start run as under `conduit run` and cluster/ configs. This test process
+# The Ray processes the tests start run as under `conduit run`. This test process
 # itself keeps Serve's defaults (its constants are read at import, so import first): it calls
 # handles from sync code, which the throughput-optimized mode forbids.
 import ray.serve  # noqa: E402,F401
 
-os.environ.update(RAY_SERVE_ENV)
+os.environ.update(LOCAL_RAY_SERVE_ENV)
 DEMO_MODEL = PROJECT_ROOT / ".cache" / "demo-model"
 
 
