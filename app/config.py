@@ -39,9 +39,11 @@ class EngineConfig(Strict):
     )
     block_size: int = Field(16, gt=0, le=1024, description="tokens per KV block")
     num_kv_blocks: int | None = Field(
-        None, gt=0, description="KV budget in blocks; default: enough for every slot at max_model_len"
+        None, gt=0, description="paged KV cache size in blocks; default: max_num_seqs sequences at max_model_len"
     )
-    num_prefix_blocks: int = Field(256, ge=0, description="prefix-cache capacity in blocks (0: off)")
+    enable_prefix_caching: bool = Field(
+        True, description="prompts that start with cached full blocks share them instead of recomputing"
+    )
     max_prefill_tokens: int = Field(4096, gt=0, description="prompt tokens admitted in one prefill step")
     stream_interval_s: float = Field(
         0.02, ge=0, le=1, description="streamed deltas are coalesced and sent at most this often"
@@ -77,12 +79,6 @@ class EngineConfig(Strict):
     @property
     def devices_per_replica(self) -> int:
         return self.tensor_parallel_size if self.tensor_parallel_size > 1 else self.num_devices
-    max_waiting: int = Field(
-        256, gt=0, description="requests waiting for a batch slot on one replica; more get 503 at once"
-    )
-    max_waiting: int = Field(
-        256, gt=0, description="requests waiting for a batch slot on one replica; more get 503 at once"
-    )
 
     def resolved(self, model_max_positions: int | None) -> EngineConfig:
         """A copy with every derived size filled in, once the model's own limits are known."""

@@ -1,18 +1,20 @@
-"""KV memory accounting in fixed-size blocks, and the prefix cache.
+"""The paged KV cache's bookkeeping: which fixed-size blocks each sequence holds, and the prefix cache.
 
-Every running sequence is charged one block per `block_size` tokens from a fixed budget; a request
-is admitted only when its prompt's blocks are free, and a running sequence that needs a new block
-when none is free causes a preemption (see scheduler). Full prompt blocks are also kept in a
-prefix cache keyed by a chain hash of their tokens (block i's hash covers blocks 0..i), so a long
-shared system prompt is computed once and copied, not recomputed, for later requests.
+A sequence holds a block table (`seq.block_ids`): token position p lives in block
+`block_ids[p // block_size]` at offset `p % block_size` of the runner's pool (model_runner.py). A
+request is admitted only when its prompt's blocks are free; a running sequence that needs a new
+block when none is free causes a preemption (see scheduler).
 
-Where the K/V bytes live is the model runner's business (see model_runner.py for why sequences
-keep contiguous slots); this class only decides how much may be used and which prefix blocks exist.
+Prefix cache: every full prompt block is registered under a chain hash of its tokens (block i's hash
+covers blocks 0..i). A later prompt that starts with the same blocks shares them (a reference count,
+no copy), so a long system prompt is computed once. A freed block keeps its contents and hash while
+it waits in the free list, oldest freed reused first: cached prefixes live in otherwise idle memory
+and cost no capacity.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 from app.engine.sequence import Sequence
 
@@ -22,39 +24,70 @@ def _blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, num_prefix_blocks: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
-        self.prefix_index: OrderedDict[int, int] = OrderedDict()  # chain hash -> prefix pool entry, LRU order
-        self.free_prefix_entries: list[int] = list(range(num_prefix_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest freed first
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: dict[int, int] = {}  # block -> chain hash of its tokens, for registered blocks
+        self.cached: dict[int, int] = {}  # chain hash -> block holding those tokens
         self.prefix_queries = 0  # blocks looked up
         self.prefix_hits = 0  # blocks found
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self.free_blocks)
+        return self.num_blocks - len(self.free)
 
     def can_allocate(self, num_tokens: int) -> bool:
-        # +1: room for the first generated token without an immediate preemption
-        return _blocks_for(num_tokens + 1, self.block_size) <= len(self.free_blocks)
+        # +1: room for the first generated token without an immediate preemption. Conservative: blocks
+        # shared from the prefix cache would need fewer.
+        return _blocks_for(num_tokens + 1, self.block_size) <= len(self.free)
 
     def allocate(self, seq: Sequence) -> None:
-        for _ in range(_blocks_for(seq.num_tokens + 1, self.block_size)):
-            seq.block_ids.append(self.free_blocks.popleft())
+        """Give `seq` its block table: shared cached blocks for its longest cached prefix, fresh ones
+        after it. Sets `seq.num_cached` to the tokens whose K/V are already there."""
+        shared = self._match_prefix(seq.token_ids)
+        for block in shared:
+            self.free.pop(block, None)
+            self.ref_counts[block] += 1
+        seq.block_ids = shared + [self._take_free() for _ in range(_blocks_for(seq.num_tokens + 1, self.block_size) - len(shared))]
+        seq.num_cached = len(shared) * self.block_size
+
+    def register_prefix(self, seq: Sequence) -> None:
+        """After its prefill: make `seq`'s full prompt blocks findable by later prompts."""
+        if not self.enable_prefix_caching:
+            return
+        full = len(seq.prompt_ids) // self.block_size
+        for block, h in zip(seq.block_ids, self._chain_hashes(seq.prompt_ids, full)):
+            if h not in self.cached:
+                self.cached[h] = block
+                self.block_hash[block] = h
 
     def can_append(self, seq: Sequence) -> bool:
-        return len(seq.block_ids) * self.block_size > seq.num_tokens or bool(self.free_blocks)
+        return len(seq.block_ids) * self.block_size > seq.num_tokens or bool(self.free)
 
     def append(self, seq: Sequence) -> None:
         if len(seq.block_ids) * self.block_size <= seq.num_tokens:
-            seq.block_ids.append(self.free_blocks.popleft())
+            seq.block_ids.append(self._take_free())
 
     def deallocate(self, seq: Sequence) -> None:
-        self.free_blocks.extend(seq.block_ids)
-        seq.block_ids.clear()
+        # reversed: a sequence's last blocks are the least likely to be shared, so they are reused first
+        for block in reversed(seq.block_ids):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+        seq.block_ids = []
+        seq.num_cached = 0
 
-    # prefix cache ---------------------------------------------------------------------------
+    def _take_free(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        h = self.block_hash.pop(block, None)
+        if h is not None:  # its old contents are about to be overwritten
+            del self.cached[h]
+        self.ref_counts[block] = 1
+        return block
+
     def _chain_hashes(self, token_ids: list[int], num_blocks: int) -> list[int]:
         hashes, h, bs = [], 0, self.block_size
         for i in range(num_blocks):
@@ -62,34 +95,17 @@ class BlockManager:
             hashes.append(h)
         return hashes
 
-    def match_prefix(self, token_ids: list[int]) -> list[int]:
-        """Prefix pool entries holding the longest cached run of full blocks, leaving >= 1 token to compute."""
+    def _match_prefix(self, token_ids: list[int]) -> list[int]:
+        """Blocks holding the longest cached run of full blocks, leaving >= 1 token to compute."""
+        if not self.enable_prefix_caching:
+            return []
         usable = (len(token_ids) - 1) // self.block_size
-        entries = []
+        blocks = []
         for h in self._chain_hashes(token_ids, usable):
             self.prefix_queries += 1
-            entry = self.prefix_index.get(h)
-            if entry is None:
+            block = self.cached.get(h)
+            if block is None:
                 break
-            self.prefix_index.move_to_end(h)
-            entries.append(entry)
-        self.prefix_hits += len(entries)
-        return entries
-
-    def entries_to_store(self, token_ids: list[int]) -> list[tuple[int, int]]:
-        """(block number, pool entry) for this prompt's full blocks not cached yet, evicting LRU entries."""
-        full = len(token_ids) // self.block_size
-        todo = []
-        for i, h in enumerate(self._chain_hashes(token_ids, full)):
-            if h in self.prefix_index:
-                self.prefix_index.move_to_end(h)
-                continue
-            if not self.free_prefix_entries:
-                if not self.prefix_index:
-                    break
-                _, evicted = self.prefix_index.popitem(last=False)
-                self.free_prefix_entries.append(evicted)
-            entry = self.free_prefix_entries.pop()
-            self.prefix_index[h] = entry
-            todo.append((i, entry))
-        return todo
+            blocks.append(block)
+        self.prefix_hits += len(blocks)
+        return blocks

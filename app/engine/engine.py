@@ -5,7 +5,8 @@ Why our own scheduler rather than transformers' ContinuousBatchingManager (`gene
 this project's 2-core CPU with the demo model, the manager gave ~400 output tok/s with its
 defaults and ~1.2k tuned (figures in shared DESIGN.md, measured here), while this engine decoded
 32 sequences at ~2.9-3.7k tok/s in-process (an ad-hoc run of engine.step() here; DESIGN.md puts
-the raw batched-decode ceiling at ~2.8-3.8k). A side-by-side benchmark script is still to come. It still runs the unmodified HF model (see model_runner.py).
+the raw batched-decode ceiling at ~2.8-3.8k; bench/compare.py measures them side by side). It runs
+the unmodified HF model (see model_runner.py).
 """
 
 from __future__ import annotations
@@ -75,11 +76,9 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
-        self.blocks = BlockManager(config.num_kv_blocks, config.block_size, config.num_prefix_blocks)
+        self.blocks = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens)
-        self.runner = runner or ModelRunner(
-            model, config.max_num_seqs, config.max_model_len, config.block_size, config.num_prefix_blocks
-        )
+        self.runner = runner or ModelRunner(model, config.num_kv_blocks, config.block_size)
         self.sequences: dict[str, Sequence] = {}
         self.model = model
         self.token_names = TokenNames(tokenizer)
@@ -133,19 +132,16 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         seqs, is_prefill = self.scheduler.schedule()
-        self._apply_slot_moves()
         if not seqs:
             return []
         now = time.monotonic()
         for seq in seqs:
             seq.timings.scheduled(now)
         if is_prefill:
-            for seq in seqs:
-                self._load_cached_prefix(seq)
             logits = self.runner.prefill(seqs)
             for seq in seqs:
                 seq.num_cached = seq.num_tokens
-                self._store_prefix(seq)
+                self.blocks.register_prefix(seq)
         else:
             logits = self.runner.decode(seqs)
             for seq in seqs:
@@ -162,23 +158,7 @@ class LLMEngine:
             if seq.is_finished:
                 self.scheduler.remove(seq)
                 self.sequences.pop(seq.request_id, None)
-        self._apply_slot_moves()
         return outputs
-
-    def _apply_slot_moves(self) -> None:
-        for src, dst, length in self.scheduler.pending_moves:
-            self.runner.cache.move_slot(src, dst, length)
-        self.scheduler.pending_moves.clear()
-
-    def _load_cached_prefix(self, seq: Sequence) -> None:
-        if seq.num_cached == 0:
-            entries = self.blocks.match_prefix(seq.token_ids)
-            self.runner.cache.load_prefix(seq.slot, entries)
-            seq.num_cached = len(entries) * self.config.block_size
-
-    def _store_prefix(self, seq: Sequence) -> None:
-        for block, entry in self.blocks.entries_to_store(seq.token_ids):
-            self.runner.cache.save_prefix(seq.slot, block, entry)
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         seq.output_ids.append(token)

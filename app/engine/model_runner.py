@@ -1,17 +1,19 @@
-"""Runs the Hugging Face model over a batch of sequences with Conduit's own KV cache.
+"""Runs the Hugging Face model over a batch of sequences with Conduit's own paged KV cache.
 
 The model is any `AutoModelForCausalLM`; we only supply (a) a cache object whose `update()` the
 attention layers call, and (b) a prepared 4-D attention mask, which transformers passes through
 unchanged. So every architecture that uses the standard cache protocol runs here unmodified.
 
-KV layout: one contiguous row ("slot") per running sequence, `[slot, kv_head, position, head_dim]`,
-and running sequences always occupy slots 0..R-1. A decode step then attends over a plain view
-`k[:R, :, :max_len]`: no gather, no copy. The alternative, a block pool gathered into a padded
-batch every step, is measured by bench/kv_layout.py: on the 2-core CPU with the demo model at
-batch 32 and ~100-token contexts, the gather alone took 2.4 ms against a 13.5 ms decode step
-(+18%). So blocks are kept for accounting and for the prefix
-cache (block_manager.py), and bytes stay contiguous. When a sequence leaves, the last slot's row is
-moved into its place (one copy of one sequence, once).
+KV layout: per layer, one pool of `num_blocks * block_size` token rows `[row, kv_head, head_dim]`;
+a sequence's tokens sit in the blocks of its block table (block_manager.py). Each forward writes
+the new tokens' K/V into their rows, then gathers every sequence's rows into the padded batch that
+attention reads, with one `index_select` per layer and tensor (the row index is built once per step
+and shared by all layers). Measured on the 2-core CPU with the demo model, batch 32, ~100-token
+contexts (bench/kv_layout.py): this gather adds ~10% to a decode step over contiguous per-sequence
+rows, the layout this engine used before; in exchange memory is held per block actually used (not
+per slot at max_model_len), so a replica admits as many sequences as their real lengths fit, and a
+shared prefix is one set of blocks, never copied. Padding positions read one spare zero block
+(masked out; zeros, not garbage, because masked keys still enter softmax(QK)V as 0 * V).
 """
 
 from __future__ import annotations
@@ -23,81 +25,76 @@ import torch
 from app.engine.sequence import Sequence
 
 
-class SlotKVCache:
-    """The object transformers' attention layers call `update()` on. Buffers are allocated on first
+class PagedKVCache:
+    """The object transformers' attention layers call `update()` on. Pools are allocated on first
     use, from the shapes the model really produces (so head counts and dims need no config lookup)."""
 
-    def __init__(self, num_slots: int, max_len: int, num_prefix_entries: int, block_size: int):
-        self.num_slots, self.max_len = num_slots, max_len
-        self.num_prefix_entries, self.block_size = num_prefix_entries, block_size
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.pad_block = num_blocks  # the spare block that padding positions read
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
-        self.prefix_k: dict[int, torch.Tensor] = {}
-        self.prefix_v: dict[int, torch.Tensor] = {}
-        self._plan = None  # set by the runner before each forward
+        self._plan = None  # (write rows, read rows, (batch, kv_len), real-token mask or None), per forward
 
-    def _buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def plan(self, seqs: list[Sequence], num_new: list[int], device: torch.device) -> None:
+        """Before a forward: sequence i computes its last `num_new[i]` tokens (right-aligned in the
+        input, left padding) and attends to all of its `num_tokens`."""
+        lengths = torch.tensor([seq.num_tokens for seq in seqs])
+        new = torch.tensor(num_new)
+        kv_len = int(lengths.max())
+        width = -(-kv_len // self.block_size)
+        tables = torch.full((len(seqs), width), self.pad_block, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            tables[i, : len(seq.block_ids[:width])] = torch.tensor(seq.block_ids[:width])
+        rows = (tables[:, :, None] * self.block_size + torch.arange(self.block_size)).view(len(seqs), -1)[:, :kv_len]
+        positions = torch.arange(kv_len)[None, :]
+        rows[positions >= lengths[:, None]] = self.pad_block * self.block_size
+        write = rows[(positions >= (lengths - new)[:, None]) & (positions < lengths[:, None])]
+        q = int(new.max())
+        real = None if q == 1 else torch.arange(q)[None, :] >= (q - new)[:, None]
+        self._plan = (write.to(device), rows.reshape(-1).to(device), (len(seqs), kv_len),
+                      None if real is None else real.to(device))
+
+    def _pools(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.k:
             _, heads, _, dim = like.shape
-            # zeros, not empty: masked keys still enter softmax(QK)V as 0 * V, and 0 * NaN is NaN
-            shape = (self.num_slots, heads, self.max_len, dim)
+            shape = ((self.pad_block + 1) * self.block_size, heads, dim)
             self.k[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self.v[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            pshape = (self.num_prefix_entries, heads, self.block_size, dim)
-            self.prefix_k[layer] = torch.zeros(pshape, dtype=like.dtype, device=like.device)
-            self.prefix_v[layer] = torch.zeros(pshape, dtype=like.dtype, device=like.device)
         return self.k[layer], self.v[layer]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        k, v = self._buffers(layer_idx, key_states)
-        first, count, kv_len, decode_positions, prefill_writes = self._plan
-        if decode_positions is not None:  # one new token per row, at that row's next position
-            slots = torch.arange(first, first + count, device=k.device)
-            k[slots, :, decode_positions] = key_states[:, :, 0]
-            v[slots, :, decode_positions] = value_states[:, :, 0]
-        else:  # row i's real tokens (left-padded) go to positions [start, start + n) of its slot
-            q = key_states.shape[2]
-            for i, (start, n) in enumerate(prefill_writes):
-                k[first + i, :, start : start + n] = key_states[i, :, q - n :]
-                v[first + i, :, start : start + n] = value_states[i, :, q - n :]
-        return k[first : first + count, :, :kv_len], v[first : first + count, :, :kv_len]
+        """key_states: [batch, heads, q, dim] for the new tokens; returns every token's K/V, padded."""
+        k, v = self._pools(layer_idx, key_states)
+        write, read, (batch, kv_len), real = self._plan
+        k[write] = self._real(key_states, real)
+        v[write] = self._real(value_states, real)
+        heads, dim = k.shape[1], k.shape[2]
+        # [batch * kv_len, H, D] -> [batch, H, kv_len, D]: a strided view, which attention accepts
+        gathered_k = k.index_select(0, read).view(batch, kv_len, heads, dim).transpose(1, 2)
+        gathered_v = v.index_select(0, read).view(batch, kv_len, heads, dim).transpose(1, 2)
+        return gathered_k, gathered_v
 
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        for layer in self.k:
-            self.k[layer][dst, :, :length] = self.k[layer][src, :, :length]
-            self.v[layer][dst, :, :length] = self.v[layer][src, :, :length]
-
-    def save_prefix(self, slot: int, block: int, entry: int) -> None:
-        a, b = block * self.block_size, (block + 1) * self.block_size
-        for layer in self.k:
-            self.prefix_k[layer][entry] = self.k[layer][slot, :, a:b]
-            self.prefix_v[layer][entry] = self.v[layer][slot, :, a:b]
-
-    def load_prefix(self, slot: int, entries: list[int]) -> None:
-        if not entries:
-            return
-        idx = torch.tensor(entries, device=next(iter(self.k.values())).device)
-        n = len(entries) * self.block_size
-        for layer in self.k:
-            heads, dim = self.k[layer].shape[1], self.k[layer].shape[3]
-            # [E, H, bs, D] -> [H, E*bs, D]
-            self.k[layer][slot, :, :n] = self.prefix_k[layer][idx].transpose(0, 1).reshape(heads, n, dim)
-            self.v[layer][slot, :, :n] = self.prefix_v[layer][idx].transpose(0, 1).reshape(heads, n, dim)
+    @staticmethod
+    def _real(states: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """[batch, H, q, D] -> [tokens, H, D]: the real (non-padding) tokens, row by row."""
+        tokens = states.transpose(1, 2)
+        return tokens[:, 0] if real is None else tokens[real]
 
 
 class ModelRunner:
-    def __init__(self, model, max_num_seqs: int, max_model_len: int, block_size: int, num_prefix_entries: int):
+    def __init__(self, model, num_blocks: int, block_size: int):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.cache = SlotKVCache(max_num_seqs, max_model_len, num_prefix_entries, block_size)
+        self.cache = PagedKVCache(num_blocks, block_size)
         # transformers 5 renamed `past_key_values` to `cache`; models not yet migrated take the old name
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.model(
-            input_ids=input_ids,
-            position_ids=positions,
-            attention_mask=mask,
+            input_ids=input_ids.to(self.device),
+            position_ids=positions.to(self.device),
+            attention_mask=mask.to(self.device),
             **{self.cache_kwarg: self.cache},
             use_cache=True,
             logits_to_keep=1,
@@ -105,8 +102,7 @@ class ModelRunner:
         return out.logits[:, -1, :].float()
 
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Compute each sequence's uncached tokens (slots must be consecutive); returns last-token logits."""
-        first = seqs[0].slot
+        """Compute each sequence's uncached tokens; returns last-token logits."""
         todo = [seq.token_ids[seq.num_cached :] for seq in seqs]
         q = max(len(t) for t in todo)
         kv_len = max(seq.num_tokens for seq in seqs)
@@ -115,23 +111,20 @@ class ModelRunner:
         mask = torch.zeros((len(seqs), 1, q, kv_len), dtype=torch.bool)
         mask[:, :, :, 0] = True  # padding rows attend somewhere, so they stay finite
         keys = torch.arange(kv_len)
-        writes = []
         for i, (seq, toks) in enumerate(zip(seqs, todo)):
             n, start = len(toks), seq.num_cached
             input_ids[i, q - n :] = torch.tensor(toks)
             pos = torch.arange(start, start + n)
             positions[i, q - n :] = pos
             mask[i, 0, q - n :] = keys[None, :] <= pos[:, None]
-            writes.append((start, n))
-        self.cache._plan = (first, len(seqs), kv_len, None, writes)
-        return self._forward(input_ids.to(self.device), positions.to(self.device), mask.to(self.device))
+        self.cache.plan(seqs, [len(t) for t in todo], self.device)
+        return self._forward(input_ids, positions, mask)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each running sequence; `seqs[i]` must sit in slot i."""
+        """One token for each running sequence."""
         positions = torch.tensor([seq.num_tokens - 1 for seq in seqs])
         kv_len = int(positions.max()) + 1
         mask = (torch.arange(kv_len)[None, :] <= positions[:, None])[:, None, None, :]
-        input_ids = torch.tensor([[seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]] for seq in seqs])
-        positions = positions.to(self.device)
-        self.cache._plan = (0, len(seqs), kv_len, positions, None)
-        return self._forward(input_ids.to(self.device), positions[:, None], mask.to(self.device))
+        input_ids = torch.tensor([[seq.token_ids[-1]] for seq in seqs])
+        self.cache.plan(seqs, [1] * len(seqs), self.device)
+        return self._forward(input_ids, positions[:, None], mask)

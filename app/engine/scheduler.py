@@ -1,7 +1,8 @@
 """Decides, each step, which sequences run: admit waiting ones (a prefill step) while slots, blocks
 and the prefill token budget allow, otherwise decode every running sequence. When a running
 sequence needs a KV block and none is free, the newest one is preempted: its blocks are freed and
-it goes back to the front of the queue, to be recomputed (from the prefix cache where it can)."""
+it goes back to the front of the queue, to be recomputed (from the prefix cache where it can).
+Running order is admission order, so the newest is last."""
 
 from __future__ import annotations
 
@@ -17,9 +18,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # running[i].slot == i
+        self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.pending_moves: list[tuple[int, int, int]] = []  # (src slot, dst slot, tokens) for the runner
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -39,7 +39,6 @@ class Scheduler:
             self.waiting.popleft()
             self.blocks.allocate(seq)
             seq.status = SequenceStatus.RUNNING
-            seq.slot = len(self.running)
             self.running.append(seq)
             admitted.append(seq)
             budget -= seq.num_tokens
@@ -57,23 +56,12 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.remove(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_cached = 0
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def remove(self, seq: Sequence) -> None:
-        """Take a sequence out. A running one's slot is refilled by the last slot's sequence, keeping
-        slots 0..R-1 dense; the move is queued in `pending_moves` for the runner to copy its K/V."""
         self.blocks.deallocate(seq)
-        if seq.slot < 0:  # not running
-            if seq in self.waiting:
-                self.waiting.remove(seq)
-            return
-        slot = seq.slot
-        last = self.running.pop()
-        seq.slot = -1
-        if last is seq:
-            return
-        self.running[slot] = last
-        self.pending_moves.append((last.slot, slot, last.num_cached))
-        last.slot = slot
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

@@ -1,4 +1,4 @@
-"""One request's state inside the engine: its tokens, its KV slot and blocks, its decoding state."""
+"""One request's state inside the engine: its tokens, its KV blocks, its decoding state."""
 
 from __future__ import annotations
 
@@ -57,9 +57,8 @@ class Sequence:
         self.eos_ids = eos_ids
         self.detokenizer = detokenizer
         self.status = SequenceStatus.WAITING
-        self.slot = -1  # row of the KV cache while running
-        self.block_ids: list[int] = []  # KV blocks charged to this sequence
-        self.num_cached = 0  # tokens whose K/V are in the slot
+        self.block_ids: list[int] = []  # block table: position p's K/V is in block_ids[p // block_size]
+        self.num_cached = 0  # tokens whose K/V are in its blocks
         self.finish_reason: str | None = None
         self.timings = RequestTimings()
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -79,4 +78,4 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
-        return f"Sequence({self.request_id}, {self.status.name}, tokens={self.num_tokens}, slot={self.slot})"
+        return f"Sequence({self.request_id}, {self.status.name}, tokens={self.num_tokens}, blocks={len(self.block_ids)})"

@@ -5,10 +5,11 @@ of the replica's placement group (see app/resources.py). Every worker joins one 
 group (gloo on CPU, NCCL on CUDA), loads the model with transformers' tensor-parallel plan
 (`DistributedConfig(tp_size=N)`, the `tp_plan="auto"` of older releases: attention heads and MLP
 columns split across ranks, an all-reduce after `o_proj`/`down_proj`, the logits gathered), and
-wraps its shard in an ordinary `ModelRunner`. Each rank's `SlotKVCache` therefore holds only its
-own heads: the cache sizes its buffers from the key states the shard produces.
+wraps its shard in an ordinary `ModelRunner`. Each rank's `PagedKVCache` therefore holds only its
+own heads: the cache sizes its pools from the key states the shard produces. Block tables travel
+with each sequence, so every rank lays its shard out in the same blocks.
 
-Every call (`prefill`, `decode`, `cache.move_slot/save_prefix/load_prefix`) is sent to all ranks in
+Every call (`prefill`, `decode`) is sent to all ranks in
 the same order (one caller, so Ray runs an actor's calls in submission order), the collectives
 inside the forward line up, and rank 0's logits are returned. Ray is imported here only: the rest
 of app/engine/ stays Ray-free.
@@ -34,7 +35,7 @@ def runner_view(seq: Sequence) -> Sequence:
     """The part of a `Sequence` a runner reads, without its tokenizer and sampling state: what is
     sent to every rank on every step."""
     view = Sequence.__new__(Sequence)
-    view.__dict__.update(request_id=seq.request_id, slot=seq.slot, num_cached=seq.num_cached,
+    view.__dict__.update(request_id=seq.request_id, block_ids=seq.block_ids, num_cached=seq.num_cached,
                          prompt_ids=seq.prompt_ids, output_ids=seq.output_ids)
     return view
 
@@ -76,9 +77,7 @@ class TensorParallelWorker:
             attn_implementation="sdpa",
             distributed_config=DistributedConfig(tp_size=self.world_size),
         )
-        self.runner = ModelRunner(
-            model, engine.max_num_seqs, engine.max_model_len, engine.block_size, engine.num_prefix_blocks
-        )
+        self.runner = ModelRunner(model, engine.num_kv_blocks, engine.block_size)
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor | None:
@@ -93,27 +92,6 @@ class TensorParallelWorker:
     def kv_heads(self) -> int:
         """KV heads in this rank's cache: the model's count / tensor_parallel_size once sharded."""
         return next(iter(self.runner.cache.k.values())).shape[1]
-
-    @torch.inference_mode()  # the cache's buffers are inference tensors
-    def cache_call(self, method: str, *args) -> None:
-        getattr(self.runner.cache, method)(*args)
-
-
-class _CacheForwarder:
-    """`runner.cache` as the engine sees it: each call applied to every rank's shard."""
-
-    def __init__(self, runner: TensorParallelRunner):
-        self._runner = runner
-
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        self._runner.call_all("cache_call", "move_slot", src, dst, length)
-
-    def save_prefix(self, slot: int, block: int, entry: int) -> None:
-        self._runner.call_all("cache_call", "save_prefix", slot, block, entry)
-
-    def load_prefix(self, slot: int, entries: list[int]) -> None:
-        if entries:
-            self._runner.call_all("cache_call", "load_prefix", slot, entries)
 
 
 class TensorParallelRunner:
@@ -144,7 +122,6 @@ class TensorParallelRunner:
         ]
         master = ray.get(self.workers[0].rendezvous_address.remote())
         ray.get([w.load.remote(master) for w in self.workers])
-        self.cache = _CacheForwarder(self)
 
     def call_all(self, method: str, *args):
         """Run `method` on every rank (in order with earlier calls); returns rank 0's result."""

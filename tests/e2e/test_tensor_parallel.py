@@ -62,7 +62,7 @@ def test_tensor_parallel_2_equals_1_token_for_token(ray_up, model_path, referenc
     sharded = make_engine(model_path, 2)
     try:
         got = generate_all(sharded, requests)
-        assert sharded.stats().prefix_hits > 0  # load_prefix went to both ranks
+        assert sharded.stats().prefix_hits > 0  # both ranks read the shared prefix blocks
         # each rank really holds half of the demo model's 4 KV heads
         assert ray.get([w.kv_heads.remote() for w in sharded.runner.workers]) == [2, 2]
     finally:

@@ -93,6 +93,46 @@ def test_prefix_reuse_keeps_greedy_output(hf_model, reference_greedy):
         assert outputs[str(i)] == reference_greedy(system + q, 12)
 
 
+def test_running_sequences_share_prefix_blocks(hf_model, reference_greedy):
+    engine = make_engine(hf_model, block_size=16)
+    tokenizer = hf_model[1]
+    system = tokenizer.encode("You are a helpful assistant that answers in python code. " * 6)[:64]  # 4 blocks
+    engine.add_request("first", system + tokenizer.encode(" Hi."), greedy(4))
+    run_all(engine)
+    questions = [tokenizer.encode(q) for q in [" What is a list?", " Sort a dict by value.", " Explain yield."]]
+    for i, q in enumerate(questions):
+        engine.add_request(str(i), system + q, greedy(12))
+    outputs = {}
+    for out in engine.step():  # the prefill of all three
+        outputs.setdefault(out.request_id, []).extend(out.token_ids)
+    running = engine.scheduler.running
+    shared = set(running[0].block_ids[:4])
+    assert all(set(seq.block_ids[:4]) == shared for seq in running)  # one copy of the system prompt
+    own = sum(len(seq.block_ids) - 4 for seq in running)
+    assert engine.stats().kv_blocks_used == len(shared) + own
+    for rid, toks in run_all(engine).items():
+        outputs.setdefault(rid, []).extend(toks)
+    for i, q in enumerate(questions):
+        assert outputs[str(i)] == reference_greedy(system + q, 12)
+
+
+def test_admission_counts_blocks_used_not_max_model_len(hf_model, reference_greedy):
+    # 24 blocks of 16 tokens: a slot per sequence at max_model_len 512 would fit none; paged, 8 short
+    # sequences (~40 tokens, 3 blocks each) all run in one batch
+    engine = make_engine(hf_model, num_kv_blocks=24, block_size=16, max_model_len=512)
+    ps = [p[:20] + [5] * (20 - len(p[:20])) for p in prompts(hf_model[1], 8, seed=6)]
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, greedy(20))
+    outputs = {out.request_id: list(out.token_ids) for out in engine.step()}
+    assert engine.stats().num_running == 8 and engine.stats().kv_blocks_used == 8 * 2
+    assert engine.runner.cache.k[0].shape[0] == (24 + 1) * 16  # memory: the blocks (+ padding's), no more
+    for rid, toks in run_all(engine).items():
+        outputs[rid] += toks
+    assert engine.stats().num_preemptions == 0
+    for i, p in enumerate(ps):
+        assert outputs[str(i)] == reference_greedy(p, 20)
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(hf_model):
     ps = prompts(hf_model[1], 8, seed=3)
     params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=1234)
@@ -109,7 +149,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(hf_model):
     assert run_all(other_seed)["x"] != alone_out
 
 
-def test_abort_frees_slot_and_blocks(hf_model):
+def test_abort_frees_blocks(hf_model):
     engine = make_engine(hf_model)
     for i, p in enumerate(prompts(hf_model[1], 4, seed=4)):
         engine.add_request(str(i), p, SamplingParams(max_tokens=200, ignore_eos=True))
