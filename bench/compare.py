@@ -203,6 +203,23 @@ def cpu_seconds_by_process(sid: int) -> dict[str, float]:
     return totals
 
 
+def direct_ingress_port(sid: int) -> int | None:
+    """The port on which the Ingress replica itself serves HTTP (Serve's direct ingress, on in its
+    throughput-optimized mode): the Python HTTP proxy on :8000 forwards every request and chunk to it."""
+    import psutil
+
+    for pid in session_members(sid):
+        try:
+            proc = psutil.Process(pid)
+            if not (proc.cmdline() or [""])[0].startswith("ray::ServeReplica:conduit:Ingress"):
+                continue
+            ports = [c.laddr.port for c in proc.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+        return min(ports) if ports else None
+    return None
+
+
 def cpu_ms_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
     """Where a served token's CPU goes: each process's CPU during the run, per output token.
     On a 2-core box the sum bounds throughput at 2000 / sum tok/s, however the work is scheduled."""
@@ -254,10 +271,27 @@ def run_conduit(args) -> dict:
         print("  1 client (TTFT) ...", flush=True)
         single = bench(CONDUIT_URL, CONDUIT_MODEL, concurrency=1, num_requests=10,
                        prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+        direct = bypass_proxy(server.proc.pid, args)
     finally:
         print("  stopping Conduit ...", flush=True)
         server.stop()
-    return {"loaded": row(loaded, args.max_tokens), "single": row(single, args.max_tokens), "cpu_profile": profile}
+    return {"loaded": row(loaded, args.max_tokens), "single": row(single, args.max_tokens), "cpu_profile": profile,
+            **direct}
+
+
+def bypass_proxy(sid: int, args) -> dict:
+    """The same loads sent straight to the Ingress replica's own HTTP port: the Ray HTTP proxy's share."""
+    port = direct_ingress_port(sid)
+    if port is None:
+        print("  no direct-ingress port found; skipping the proxy-bypass runs", flush=True)
+        return {}
+    url = f"http://127.0.0.1:{port}"
+    print(f"  the same, straight to the Ingress replica on :{port} (no Ray HTTP proxy) ...", flush=True)
+    loaded = bench(url, CONDUIT_MODEL, concurrency=args.concurrency, num_requests=args.num_requests,
+                   prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+    single = bench(url, CONDUIT_MODEL, concurrency=1, num_requests=10,
+                   prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+    return {"direct_loaded": row(loaded, args.max_tokens), "direct_single": row(single, args.max_tokens)}
 
 
 def run_transformers_serve(args, continuous_batching: bool) -> dict:
@@ -390,6 +424,8 @@ $ free -g
 ```
 
 ![tok/s](benchmark.png)
+
+Single-request latencies (fill-in-the-middle, cold start from zero replicas): [latency.md](latency.md).
 """
 
 
@@ -409,7 +445,20 @@ def cpu_section(results: dict) -> str:
     lines += ["", f"On {cores} cores this CPU bill alone caps the served rate at {cores * 1e3 / total:,.0f} tok/s, "
               f"whatever the scheduling; the ceiling's bill caps it at "
               f"{cores * 1e3 / results['ceiling']['cpu_ms_per_token']:,.0f} tok/s."]
-    return "\n".join(lines)
+    return "\n".join(lines + proxy_lines(results["conduit"]))
+
+
+def proxy_lines(conduit: dict) -> list[str]:
+    if "direct_loaded" not in conduit:
+        return []
+    via, direct = conduit["loaded"], conduit["direct_loaded"]
+    return ["", "The Ray HTTP proxy's share: the same runs sent straight to the Ingress replica's own HTTP port "
+            "(Serve's direct ingress), in the same server:", "",
+            "| path | output tok/s | 1-client TTFT p50 (ms) |", "|---|---:|---:|",
+            f"| client -> Ray proxy :8000 -> Ingress | {fmt(via['output_throughput'])} | "
+            f"{fmt(conduit['single']['ttft_ms_p50'], 1)} |",
+            f"| client -> Ingress replica port | {fmt(direct['output_throughput'])} | "
+            f"{fmt(conduit['direct_single']['ttft_ms_p50'], 1)} |"]
 
 
 def plot(results: dict, path: Path, args) -> None:
