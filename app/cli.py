@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 import typer
@@ -15,6 +16,7 @@ from app.auth import check_exposure
 from app.config import LOCAL_RAY_SERVE_ENV, ConfigError, parse_app_config
 from app.resources import check_deployment_options
 
+log = logging.getLogger("conduit")
 cli = typer.Typer(help="Conduit: LLM inference on Ray Serve.", no_args_is_help=True, add_completion=False)
 
 
@@ -63,8 +65,12 @@ def validate(config: Path = typer.Argument(Path("serve_config.yaml"), exists=Tru
 
 @cli.command()
 def run(config: Path = typer.Argument(Path("serve_config.yaml"), exists=True, dir_okay=False)):
-    """Serve a config on a local Ray instance (foreground; Ctrl-C stops everything)."""
+    """Serve a config on a local Ray instance (foreground). Ctrl-C or SIGTERM drains: requests in
+    flight finish (up to each deployment's graceful_shutdown_timeout_s), then everything stops."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Set before Ray is imported (Serve reads them at import) and inherited by every Ray process.
+    # Local dev server on loopback: Ray's token auth is off, as Ray's own local quick start has it.
+    os.environ.update({"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **LOCAL_RAY_SERVE_ENV})
     try:
         config = with_vertex_port(config)
         apps = _load_apps(config)
@@ -78,11 +84,38 @@ def run(config: Path = typer.Argument(Path("serve_config.yaml"), exists=True, di
             if model.build_demo_if_missing:
                 build_demo_model(model.resolved_source)
     typer.echo("starting Ray and Serve; model replicas log their loading progress below ...")
-    # `serve run` applies the file exactly as `serve deploy` would; we only add the checks above.
-    # Local dev server on loopback: Ray's token auth is off, as Ray's own local quick start has it.
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **LOCAL_RAY_SERVE_ENV}
-    serve_bin = Path(sys.executable).with_name("serve")
-    os.execve(str(serve_bin), [str(serve_bin), "run", str(config)], env)
+    _serve_until_signalled(config)
+
+
+def _serve_until_signalled(config: Path) -> None:
+    """`serve run CONFIG` in this process (it applies the file exactly as `serve deploy` would), with
+    Ctrl-C and SIGTERM draining first. `serve run` alone answers Ctrl-C with serve.shutdown(), which
+    kills Serve's HTTP proxy at once and so cuts every stream in flight; and Ray's own SIGTERM handler
+    tears the node down just as fast. Deleting the applications first lets each replica stop taking
+    new work and finish what it has while the proxy still carries the responses."""
+    import ray
+    from ray import serve
+    from ray.serve.scripts import run as serve_run
+
+    # `serve run` keeps a Ray that is already up; started here so that the handlers below, not the
+    # ones Ray installs in ray.init, are the last word on SIGINT and SIGTERM.
+    ray.init(namespace="serve")
+
+    def drain_then_stop(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler)  # a second signal: stop without waiting
+        log.info("%s: draining; requests in flight finish, new ones are refused", signal.Signals(signum).name)
+        started = time.monotonic()
+        for name in serve.status().applications:
+            serve.delete(name, _blocking=False)
+        while serve.status().applications:
+            time.sleep(0.2)
+        log.info("drained in %.1f s; stopping", time.monotonic() - started)
+        raise KeyboardInterrupt  # `serve run`'s own way out: serve.shutdown(), then Ray stops
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, drain_then_stop)
+    serve_run.main([str(config)], prog_name="serve run", standalone_mode=False)
 
 
 @cli.command()

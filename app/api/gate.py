@@ -1,5 +1,6 @@
-"""Admission of one HTTP call, before any route runs: its API key (401), its key's rate limits
-(429) and its deadline. The result travels to the Pipeline in `app.limits.current_call`."""
+"""Admission of one HTTP call, before any route runs: the ingress replica's capacity (503), its API
+key (401), its key's rate limits (429) and its deadline. The result travels to the Pipeline in
+`app.limits.current_call`."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import math
 from functools import partial
 
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import ConduitError, invalid
+from app.api.errors import ConduitError, invalid, unavailable
 from app.auth import OPEN_PATHS, KeyStore, check_exposure, describe, missing_or_wrong, presented_key, proxy_host
 from app.config import AppConfig
 from app.limits import Call, RateLimiter, counter_actor, current_call
@@ -87,3 +89,37 @@ class Gate:
         if not seconds > 0 or math.isinf(seconds):
             raise invalid(f"Invalid value for '{TIMEOUT_HEADER}': a number of seconds > 0 is required", TIMEOUT_HEADER)
         return min(seconds, limit)
+
+
+class InFlightCap:
+    """ASGI middleware: at most `limit` POST calls (the ones that do work) in flight in this replica,
+    streamed bodies included; one more gets a 503 with Retry-After in its route's API shape at once.
+    Ray Serve bounds the replica too (max_ongoing_requests, then max_queued_requests in the proxy's
+    queue), but past that bound the proxy answers a plain-text 503 of its own, in no API's shape.
+    `limit` sits below Ray's bound, so clients get this answer instead and Ray's queue stays empty."""
+
+    def __init__(self, app: ASGIApp, limit: int, reject):
+        self.app, self.limit, self.reject, self.in_flight = app, limit, reject, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":  # reads (models, health) are cheap
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            err = unavailable(f"The server is at capacity ({self.limit} requests in flight); retry shortly.",
+                              "server_overloaded")
+            return await self.reject(Request(scope), err)(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+def ingress_capacity() -> int:
+    """POST calls this ingress replica takes at once: its deployment's max_ongoing_requests less an
+    eighth, the headroom for reads and for refusals, which Ray counts as ongoing too."""
+    from ray import serve
+
+    # Serve has no public getter for a replica's own deployment options
+    max_ongoing = serve.get_replica_context()._deployment_config.max_ongoing_requests
+    return max(1, max_ongoing - max(1, max_ongoing // 8))

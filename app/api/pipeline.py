@@ -110,7 +110,9 @@ class Pipeline:
         if not inputs or any(len(x) == 0 for x in inputs):
             raise invalid("input must not be empty, nor hold an empty string or token list", "input")
         check_embedding_inputs(len(inputs), self.limits)
-        return await self.embedders.handle(name).embed.remote(inputs, dimensions)
+        vectors, prompt_tokens = await self.embedders.handle(name).embed.remote(inputs, dimensions)
+        current_call.get().charge(prompt_tokens)  # the key's tokens per minute
+        return vectors, prompt_tokens
 
     async def max_model_len(self, model: str) -> int:
         return await self.tokenizer.max_model_len.remote(self.models.resolve(model))

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 
 from app import access_log, metrics
 from app.api.errors import ConduitError
-from app.api.gate import Gate, route_path
+from app.api.gate import Gate, InFlightCap, ingress_capacity, route_path
 from app.api.input_limits import BodyGuard
 from app.api.gate import Gate
 from app.api.pipeline import Pipeline
@@ -91,6 +91,8 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
     api.add_middleware(BodyGuard, max_bytes=config.ingress.max_request_bytes, reject=error_response)
     # inside request_context (registered after it): API key, rate limits, deadline
     api.middleware("http")(Gate.from_config(config).middleware(error_response))
+    # outside the key check and rate limits (a refused call costs its key nothing), inside the access log
+    api.add_middleware(InFlightCap, limit=ingress_capacity(), reject=error_response)
     max_bytes = config.ingress.max_request_bytes
 
     # No x-request-id on responses here: Serve's proxy already echoes it on every response (the
