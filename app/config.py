@@ -223,7 +223,9 @@ class RateLimitConfig(Strict):
     """Per API key, over the whole cluster, in fixed one-minute windows."""
 
     requests_per_minute: int | None = Field(None, gt=0)
-    tokens_per_minute: int | None = Field(None, gt=0, description="prompt + generated tokens")
+    tokens_per_minute: int | None = Field(
+        None, gt=0, description="prompt + generated tokens, embedding inputs too"
+    )
 
 
 class LogConfig(Strict):
