@@ -23,6 +23,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,6 +235,100 @@ async def run_benchmark(
     return summarize(results, duration, config)
 
 
+# cold start (scale to zero) ----------------------------------------------------------------------
+def deployment_replicas(status, app: str, deployment: str) -> int:
+    """Replicas of `deployment` in any state, from `serve.status()`. A STOPPING replica counts: a
+    request sent while it stops waits for the autoscaler to hear of it, which is not a cold start."""
+    return sum(status.applications[app].deployments[deployment].replica_states.values())
+
+
+def wait_for_zero(count_replicas: Callable[[], int], timeout_s: float, poll_s: float = 0.5,
+                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> float:
+    """Seconds until `count_replicas()` reads 0; TimeoutError once `timeout_s` has passed."""
+    started = clock()
+    while (count := count_replicas()) > 0:
+        waited = clock() - started
+        if waited >= timeout_s:
+            raise TimeoutError(f"still {count} replica(s) after {waited:.0f} s idle: is the model's "
+                               "autoscaling_config.min_replicas 0?")
+        sleep(poll_s)
+    return clock() - started
+
+
+def ray_replica_counter(address: str, app: str, deployment: str) -> Callable[[], int]:
+    """A `count_replicas` for `wait_for_zero` that reads Serve's status as a driver of the cluster."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    return lambda: deployment_replicas(serve.status(), app, deployment)
+
+
+async def run_cold_start(
+    url: str, model: str | None, count_replicas: Callable[[], int], repeats: int = 3,
+    idle_timeout_s: float = 600, prompt_tokens: int = 64, max_tokens: int = 64, chat: bool = False,
+    extra_body: dict | None = None,
+) -> dict:
+    """`repeats` times: wait until the model deployment has no replica, then time one streaming
+    request, which waits for a replica to start (the cold start) and is then served."""
+    url = url.rstrip("/")
+    model = model or await first_model_id(url)
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    results, idle_s = [], []
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(None, connect=30), trust_env=False) as client:
+        for i in range(repeats):
+            idle_s.append(await asyncio.to_thread(wait_for_zero, count_replicas, idle_timeout_s))
+            payload = build_payload(model, synthetic_prompt(prompt_tokens, i), max_tokens, chat, True, extra_body)
+            results.append(await _one_request(client, endpoint, payload, chat))
+    config = {"url": url, "model": model, "endpoint": endpoint, "repeats": repeats,
+              "prompt_words": prompt_tokens, "max_tokens": max_tokens}
+    return cold_start_summary(results, idle_s, config)
+
+
+def _spread_s(values: list[float]) -> dict:
+    import numpy as np
+
+    if not values:
+        return {"median": None, "min": None, "max": None}
+    return {"median": float(np.median(values)), "min": min(values), "max": max(values)}
+
+
+def cold_start_summary(results: list[RequestResult], idle_s: list[float], config: dict) -> dict:
+    """Median, min and max (seconds) of the cold requests' TTFT and e2e, and of the idle time the
+    deployment took to reach zero replicas before each."""
+    ok = [r for r in results if r.ok]
+    return {
+        **config,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "ttft_s": _spread_s([r.ttft for r in ok]),
+        "e2e_s": _spread_s([r.e2e for r in ok]),
+        "idle_to_zero_s": _spread_s(idle_s),
+        "requests": [{"ttft_s": r.ttft, "e2e_s": r.e2e, "output_tokens": r.output_tokens, "idle_to_zero_s": idle}
+                     for r, idle in zip(results, idle_s) if r.ok],
+    }
+
+
+def print_cold_start(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cold start from zero replicas: {summary['url']}{summary['endpoint']}  "
+                        f"model={summary['model']}  {summary['completed']}/{summary['repeats']} ok")
+    table.add_column("seconds")
+    for col in ("median", "min", "max"):
+        table.add_column(col, justify="right")
+    for key, label in (("ttft_s", "TTFT (cold)"), ("e2e_s", "e2e (cold)"), ("idle_to_zero_s", "idle until 0 replicas")):
+        s = summary[key]
+        table.add_row(label, *("-" if s[k] is None else f"{s[k]:.2f}" for k in ("median", "min", "max")))
+    console = Console()
+    console.print(table)
+    for err in summary["errors"]:
+        console.print(f"[red]error:[/red] {err}")
+
+
 def _progress(enabled: bool, total: int):
     if not enabled:
         return None, None
@@ -340,13 +435,25 @@ def main(argv: list[str] | None = None, prog: str = "python -m app.bench") -> in
                         help="fill-in-the-middle: send this suffix with each prompt (code-completion latency)")
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--out-png", type=Path, default=None)
+    cold = parser.add_argument_group(
+        "cold start", "with --cold-start: against a model whose autoscaling_config.min_replicas is 0, wait until "
+        "Serve reports no replica of it, time one request, --repeats times")
+    cold.add_argument("--cold-start", action="store_true", help="measure the cold start from zero replicas")
+    cold.add_argument("--repeats", type=int, default=3, help="cold starts to measure")
+    cold.add_argument("--ray-address", default="auto", help="the server's Ray cluster, read for its replica count")
+    cold.add_argument("--app", default="conduit", help="the Serve application serving --model")
+    cold.add_argument("--idle-timeout", type=float, default=600,
+                      help="seconds to wait for the model to scale to zero before giving up")
     args = parser.parse_args(argv)
+    extra_body = None if args.suffix is None else {"suffix": args.suffix}
+    if args.cold_start:
+        return cold_start_main(args, extra_body)
 
     try:
         summary = asyncio.run(run_benchmark(
             args.url, args.model, concurrency=args.concurrency, rate=args.rate, num_requests=args.num_requests,
             prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, chat=args.chat,
-            ignore_eos=not args.no_ignore_eos, extra_body=None if args.suffix is None else {"suffix": args.suffix},
+            ignore_eos=not args.no_ignore_eos, extra_body=extra_body,
         ))
     except (httpx.HTTPError, RuntimeError) as e:  # server down or refusing: one line, not a traceback
         print(f"benchmark of {args.url} failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -356,6 +463,26 @@ def main(argv: list[str] | None = None, prog: str = "python -m app.bench") -> in
         args.out_json.write_text(json.dumps(summary, indent=2))
     if args.out_png:
         plot_summary(summary, args.out_png)
+    return 1 if summary["failed"] else 0
+
+
+def cold_start_main(args: argparse.Namespace, extra_body: dict | None) -> int:
+    from app.config import deployment_name
+
+    async def measure() -> dict:
+        model = args.model or await first_model_id(args.url)
+        counter = ray_replica_counter(args.ray_address, args.app, deployment_name("Model", model))
+        return await run_cold_start(args.url, model, counter, args.repeats, args.idle_timeout, args.prompt_tokens,
+                                    args.max_tokens, args.chat, extra_body)
+
+    try:
+        summary = asyncio.run(measure())
+    except (httpx.HTTPError, ConnectionError, KeyError, TimeoutError) as e:  # KeyError: no such app/deployment
+        print(f"cold-start benchmark of {args.url} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print_cold_start(summary)
+    if args.out_json:
+        args.out_json.write_text(json.dumps(summary, indent=2))
     return 1 if summary["failed"] else 0
 
 

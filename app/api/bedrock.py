@@ -8,7 +8,10 @@ signature is accepted: authentication is not this adapter's job."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
@@ -22,10 +25,13 @@ from app.api.protocol import GenerateRequest
 from app.engine.engine import RequestOutput
 from app.engine.sampling_params import SamplingParams
 
+log = logging.getLogger("ray.serve")
 
 # ConduitError status -> the Bedrock exception boto3 raises for it
 ERROR_TYPES = {
     400: "ValidationException",
+    401: "AccessDeniedException",  # no or a wrong API key (what Bedrock answers for a bad API key)
+    403: "AccessDeniedException",
     404: "ResourceNotFoundException",
     408: "ModelTimeoutException",
     413: "ValidationException",
@@ -33,8 +39,9 @@ ERROR_TYPES = {
     503: "ServiceUnavailableException",
     504: "ModelTimeoutException",  # the ingress's deadline passed
 }
-# by ConduitError code: the model's replica was lost mid-request; boto3 retries ModelNotReadyException itself
-ERROR_CODES = {"replica_unavailable": "ModelNotReadyException"}
+# by ConduitError code: the model's replica was lost mid-request, or its deadline passed while the model
+# had no running replica (scaled to zero, still starting); boto3 retries ModelNotReadyException itself
+ERROR_CODES = {"replica_unavailable": "ModelNotReadyException", "model_not_ready": "ModelNotReadyException"}
 # ... and the members of ConverseStream's event union for errors after the stream began
 STREAM_ERROR_TYPES = {400: "validationException", 429: "throttlingException", 503: "serviceUnavailableException"}
 
@@ -118,7 +125,39 @@ def converse_response(out: RequestOutput, started: float) -> dict:
 def error_response(err: ConduitError) -> JSONResponse:
     default = "ValidationException" if err.status < 500 else "InternalServerException"
     error_type = ERROR_CODES.get(err.code) or ERROR_TYPES.get(err.status, default)
-    return JSONResponse({"message": err.message}, status_code=err.status, headers={"x-amzn-ErrorType": error_type})
+    return JSONResponse({"message": err.message}, status_code=err.status,
+                        headers={**err.headers, "x-amzn-ErrorType": error_type})
+
+
+async def without_running_replica(model: str) -> bool:
+    """Whether Serve reports no RUNNING replica of `model`'s deployment in this application (False
+    when its status cannot be read: the error at hand then stands)."""
+    from ray import serve
+
+    from app.config import deployment_name
+
+    try:
+        status = await asyncio.to_thread(serve.status)  # a controller call: only on the error path
+        app = status.applications[serve.get_replica_context().app_name]
+        return not app.deployments[deployment_name("Model", model)].replica_states.get("RUNNING")
+    except Exception as e:
+        log.warning("could not read Serve's status for %s: %r", model, e)
+        return False
+
+
+@asynccontextmanager
+async def not_ready_while_cold(pipeline: Pipeline, model_id: str):
+    """A deadline that passed while the model had no running replica becomes ModelNotReadyException
+    (429), as Bedrock answers for a model it is still restoring, so that boto3 retries by itself;
+    a deadline passed on a running model stays ModelTimeoutException."""
+    try:
+        yield
+    except ConduitError as err:
+        if err.code != "deadline_exceeded" or not await without_running_replica(pipeline.models.resolve(model_id)):
+            raise
+        raise ConduitError("Model is not ready for inference: its replica is still starting (from zero replicas, "
+                           "or after a restart). "
+                           "Wait and try your request again.", 429, "server_error", None, "model_not_ready") from None
 
 
 async def converse_events(stream, started: float):
@@ -151,14 +190,16 @@ def routes(pipeline: Pipeline):
     async def converse(request: Request, model_id: str, body: ConverseRequest):
         started = time.monotonic()
         rid = request_id(request)
-        (out,) = await pipeline.complete(body.to_internal(rid, model_id, stream=False))
+        async with not_ready_while_cold(pipeline, model_id):
+            (out,) = await pipeline.complete(body.to_internal(rid, model_id, stream=False))
         return JSONResponse(converse_response(out, started), headers={"x-amzn-RequestId": rid})
 
     @router.post("/model/{model_id:path}/converse-stream")
     async def converse_stream(request: Request, model_id: str, body: ConverseRequest):
         started = time.monotonic()
         rid = request_id(request)
-        stream = await pipeline.stream(body.to_internal(rid, model_id, stream=True))  # early errors get a status
+        async with not_ready_while_cold(pipeline, model_id):  # early errors get a status
+            stream = await pipeline.stream(body.to_internal(rid, model_id, stream=True))
         return StreamingResponse(converse_events(stream, started), media_type="application/vnd.amazon.eventstream",
                                  headers={"x-amzn-RequestId": rid})
 

@@ -1,14 +1,18 @@
 """Scale to zero: a model deployment with `autoscaling_config.min_replicas: 0` goes 1 -> 0 replicas
-when idle, and the next request waits for the cold start and succeeds.
+when idle, and the next request waits for the cold start and succeeds; one whose deadline passes
+during the cold start gets Bedrock's ModelNotReadyException through boto3.
 
 Runs as a second Serve application (own name and route prefix) on the shared test cluster, so the
 short downscale delay touches nothing else."""
 
 import time
 
+import boto3
 import pytest
+from botocore.config import Config
 from openai import OpenAI
 
+from app.bench import deployment_replicas, wait_for_zero
 from tests.e2e.conftest import MODEL
 
 # a 2 s look-back keeps the test short; Ray warns it is below the deprecated metrics_interval_s
@@ -32,13 +36,10 @@ def replicas() -> dict:
 
 
 def wait_until_no_replicas(timeout_s: float) -> float:
-    """Until the last replica is gone, not merely stopping (a request sent while it stops waits
-    for the handle's next periodic metrics push before the autoscaler hears of it)."""
-    started = time.monotonic()
-    while sum(replicas().values()):
-        assert time.monotonic() - started < timeout_s, f"{DEPLOYMENT} did not scale to zero: {replicas()}"
-        time.sleep(0.5)
-    return time.monotonic() - started
+    """Until the last replica is gone (as `conduit bench --cold-start` waits), not merely stopping."""
+    from ray import serve
+
+    return wait_for_zero(lambda: deployment_replicas(serve.status(), APP, DEPLOYMENT), timeout_s)
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +78,27 @@ def test_idle_scales_to_zero_and_cold_start_serves(scaled_app, client):
     assert cold.choices[0].text == expected
     assert cold.usage.completion_tokens == 8
     assert replicas() == {"RUNNING": 1}
+
+
+def test_deadline_during_cold_start_raises_model_not_ready(scaled_app, server):
+    bedrock = boto3.client("bedrock-runtime", endpoint_url=f"{server}{PREFIX}", region_name="us-east-1",
+                           aws_access_key_id="x", aws_secret_access_key="y",
+                           config=Config(retries={"total_max_attempts": 1}))  # boto3 would retry it itself
+
+    def short_deadline(request, **_):  # a client may shorten its deadline by header
+        request.headers["x-request-timeout"] = "1"
+
+    bedrock.meta.events.register("before-sign.bedrock-runtime.*", short_deadline)
+    wait_until_no_replicas(timeout_s=90)
+    messages = [{"role": "user", "content": [{"text": "alpha beta"}]}]
+    config = {"maxTokens": 4, "temperature": 0}
+    # the first call starts the replica (~10 s here); the second comes while it is still starting
+    for call in (bedrock.converse, bedrock.converse_stream):
+        with pytest.raises(bedrock.exceptions.ModelNotReadyException, match="not ready") as raised:
+            call(modelId=MODEL, messages=messages, inferenceConfig=config)
+        assert raised.value.response["ResponseMetadata"]["HTTPStatusCode"] == 429
+    assert not replicas().get("RUNNING")
+
+    bedrock.meta.events.unregister("before-sign.bedrock-runtime.*", short_deadline)
+    res = bedrock.converse(modelId=MODEL, messages=messages, inferenceConfig=config)  # the retry
+    assert res["usage"]["outputTokens"] >= 1
