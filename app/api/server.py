@@ -21,7 +21,6 @@ from app import access_log, metrics
 from app.api.errors import ConduitError
 from app.api.gate import Gate, InFlightCap, ingress_capacity, route_path
 from app.api.input_limits import BodyGuard
-from app.api.gate import Gate
 from app.api.pipeline import Pipeline
 from app.config import AppConfig
 
