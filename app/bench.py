@@ -13,6 +13,10 @@ Definitions (as vLLM's benchmark_serving uses them, so numbers compare):
   e2e   time from sending the request to the end of its stream
 Token counts come from the server's own `usage` (stream_options.include_usage), never from
 counting chunks, because a chunk may hold any number of tokens.
+
+`--cold-start` measures scale to zero instead: against a model whose autoscaling_config.min_replicas
+is 0, it waits until Ray Serve's status shows no replica of the model's deployment, then times one
+request (TTFT, e2e), `--repeats` times (docs/latency.md).
 """
 
 from __future__ import annotations
