@@ -8,12 +8,14 @@ KV layout: per layer, one pool of `num_blocks * block_size` token rows `[row, kv
 a sequence's tokens sit in the blocks of its block table (block_manager.py). Each forward writes
 the new tokens' K/V into their rows, then gathers every sequence's rows into the padded batch that
 attention reads, with one `index_select` per layer and tensor (the row index is built once per step
-and shared by all layers). Measured on the 2-core CPU with the demo model, batch 32, ~100-token
-contexts (bench/kv_layout.py): this gather adds ~10% to a decode step over contiguous per-sequence
-rows, the layout this engine used before; in exchange memory is held per block actually used (not
-per slot at max_model_len), so a replica admits as many sequences as their real lengths fit, and a
-shared prefix is one set of blocks, never copied. Padding positions read one spare zero block
-(masked out; zeros, not garbage, because masked keys still enter softmax(QK)V as 0 * V).
+and shared by all layers). Measured side by side on the 2-core CPU with the demo model, batch 32,
+~100-token contexts (bench/kv_layout.py, and the same script at commit ca83952 for the layout this
+engine used before: one contiguous row per sequence at max_model_len): a decode step takes ~9.2 ms
+paged against ~7.9 ms contiguous, the gather itself ~1.2 ms of it. In exchange memory is held per
+block actually used, not per sequence at max_model_len, so a replica admits as many sequences as
+their real lengths fit, and a shared prefix is one set of blocks, never copied. Padding positions
+read one spare zero block (masked out; zeros, not garbage, because masked keys still enter
+softmax(QK)V as 0 * V).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class PagedKVCache:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self._plan = None  # (write rows, read rows, (batch, kv_len), real-token mask or None), per forward
+        self._gather: tuple[torch.Tensor, torch.Tensor] | None = None  # see _scratch
 
     def plan(self, seqs: list[Sequence], num_new: list[int], device: torch.device) -> None:
         """Before a forward: sequence i computes its last `num_new[i]` tokens (right-aligned in the
@@ -70,10 +73,21 @@ class PagedKVCache:
         k[write] = self._real(key_states, real)
         v[write] = self._real(value_states, real)
         heads, dim = k.shape[1], k.shape[2]
+        out_k, out_v = self._scratch(read.numel(), k)
         # [batch * kv_len, H, D] -> [batch, H, kv_len, D]: a strided view, which attention accepts
-        gathered_k = k.index_select(0, read).view(batch, kv_len, heads, dim).transpose(1, 2)
-        gathered_v = v.index_select(0, read).view(batch, kv_len, heads, dim).transpose(1, 2)
+        gathered_k = torch.index_select(k, 0, read, out=out_k).view(batch, kv_len, heads, dim).transpose(1, 2)
+        gathered_v = torch.index_select(v, 0, read, out=out_v).view(batch, kv_len, heads, dim).transpose(1, 2)
         return gathered_k, gathered_v
+
+    def _scratch(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a layer's gathered K/V go, reused by every layer (each layer's attention is done
+        before the next layer's update): a fresh multi-MB tensor per layer per step cost more than
+        the gather itself here (page faults on new memory)."""
+        if self._gather is None or self._gather[0].shape[0] < rows or self._gather[0].shape[1:] != like.shape[1:]:
+            shape = (rows * 3 // 2, *like.shape[1:])
+            self._gather = (torch.empty(shape, dtype=like.dtype, device=like.device),
+                            torch.empty(shape, dtype=like.dtype, device=like.device))
+        return self._gather[0][:rows], self._gather[1][:rows]
 
     @staticmethod
     def _real(states: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
