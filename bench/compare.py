@@ -426,6 +426,7 @@ $ free -g
 ![tok/s](benchmark.png)
 
 Single-request latencies (fill-in-the-middle, cold start from zero replicas): [latency.md](latency.md).
+Sampled stacks of the model and Ingress replicas under this load: [profile.md](profile.md).
 """
 
 
