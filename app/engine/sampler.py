@@ -21,17 +21,23 @@ def _apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
         logits[ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
+def _filter(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """[rows, vocab] logits -> probabilities, row i under params[i]'s temperature, top_k, min_p, top_p."""
+    device = logits.device
+    logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    if bool((top_k < vocab).any()):
+        kth = logits.sort(dim=-1, descending=True).values.gather(-1, (top_k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if min_p > 0.0:
-        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        cumulative = sorted_probs.cumsum(-1)
-        drop = cumulative - sorted_probs > top_p  # keep the smallest set whose mass reaches top_p
+    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+    if bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    if bool((top_p < 1).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set whose mass reaches top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return probs
 
@@ -47,10 +53,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             for eos in seq.eos_ids:
                 logits[i, eos] = float("-inf")
     tokens = logits.argmax(dim=-1).tolist()
+    # unseeded rows draw together in one call; a seeded row draws alone from its own generator, so its
+    # output does not depend on the rest of the batch
+    unseeded = [i for i, seq in enumerate(seqs) if not seq.params.greedy and seq.generator is None]
+    if unseeded:
+        probs = _filter(logits[unseeded], [seqs[i].params for i in unseeded])
+        for i, token in zip(unseeded, torch.multinomial(probs, 1)[:, 0].tolist()):
+            tokens[i] = token
     for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy:
-            continue
-        probs = _filter(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        if not seq.params.greedy and seq.generator is not None:
+            probs = _filter(logits[i : i + 1], [seq.params])
+            tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
     return tokens
