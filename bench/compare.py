@@ -262,15 +262,13 @@ def run_conduit(args) -> dict:
         print(f"  ready in {time.monotonic() - started:.0f} s; {args.concurrency} clients ...", flush=True)
         cpu_before = cpu_seconds_by_process(server.proc.pid)
         client_before = time.process_time()
-        loaded = bench(CONDUIT_URL, CONDUIT_MODEL, concurrency=args.concurrency, num_requests=args.num_requests,
-                       prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+        loaded = loaded_run(CONDUIT_URL, args)
         tokens = loaded["total_output_tokens"]
         profile = cpu_ms_per_token(cpu_before, cpu_seconds_by_process(server.proc.pid), tokens)
         profile["benchmark client (this process)"] = (time.process_time() - client_before) * 1e3 / tokens
         print("  CPU ms per output token:", ", ".join(f"{n} {v:.2f}" for n, v in profile.items()), flush=True)
         print("  1 client (TTFT) ...", flush=True)
-        single = bench(CONDUIT_URL, CONDUIT_MODEL, concurrency=1, num_requests=10,
-                       prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+        single = single_client_run(CONDUIT_URL, args)
         direct = bypass_proxy(server.proc.pid, args)
     finally:
         print("  stopping Conduit ...", flush=True)
@@ -287,11 +285,19 @@ def bypass_proxy(sid: int, args) -> dict:
         return {}
     url = f"http://127.0.0.1:{port}"
     print(f"  the same, straight to the Ingress replica on :{port} (no Ray HTTP proxy) ...", flush=True)
-    loaded = bench(url, CONDUIT_MODEL, concurrency=args.concurrency, num_requests=args.num_requests,
-                   prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
-    single = bench(url, CONDUIT_MODEL, concurrency=1, num_requests=10,
-                   prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+    loaded, single = loaded_run(url, args), single_client_run(url, args)
     return {"direct_loaded": row(loaded, args.max_tokens), "direct_single": row(single, args.max_tokens)}
+
+
+def loaded_run(url: str, args) -> dict:
+    return bench(url, CONDUIT_MODEL, concurrency=args.concurrency, num_requests=args.num_requests,
+                 prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+
+
+def single_client_run(url: str, args) -> dict:
+    """1 client: TTFT without queueing."""
+    return bench(url, CONDUIT_MODEL, concurrency=1, num_requests=10,
+                 prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
 
 
 def run_transformers_serve(args, continuous_batching: bool) -> dict:

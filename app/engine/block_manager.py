@@ -51,7 +51,8 @@ class BlockManager:
         for block in shared:
             self.free.pop(block, None)
             self.ref_counts[block] += 1
-        seq.block_ids = shared + [self._take_free() for _ in range(_blocks_for(seq.num_tokens + 1, self.block_size) - len(shared))]
+        fresh = _blocks_for(seq.num_tokens + 1, self.block_size) - len(shared)
+        seq.block_ids = shared + [self._take_free() for _ in range(fresh)]
         seq.num_cached = len(shared) * self.block_size
 
     def register_prefix(self, seq: Sequence) -> None:

@@ -48,7 +48,8 @@ class PagedKVCache:
         width = -(-kv_len // self.block_size)
         tables = torch.full((len(seqs), width), self.pad_block, dtype=torch.long)
         for i, seq in enumerate(seqs):
-            tables[i, : len(seq.block_ids[:width])] = torch.tensor(seq.block_ids[:width])
+            blocks = seq.block_ids[:width]  # a sequence may hold one block ahead of its tokens
+            tables[i, : len(blocks)] = torch.tensor(blocks)
         rows = (tables[:, :, None] * self.block_size + torch.arange(self.block_size)).view(len(seqs), -1)[:, :kv_len]
         positions = torch.arange(kv_len)[None, :]
         rows[positions >= lengths[:, None]] = self.pad_block * self.block_size
@@ -139,6 +140,6 @@ class ModelRunner:
         positions = torch.tensor([seq.num_tokens - 1 for seq in seqs])
         kv_len = int(positions.max()) + 1
         mask = (torch.arange(kv_len)[None, :] <= positions[:, None])[:, None, None, :]
-        input_ids = torch.tensor([[seq.token_ids[-1]] for seq in seqs])
+        input_ids = torch.tensor([[seq.last_token_id] for seq in seqs])
         self.cache.plan(seqs, [1] * len(seqs), self.device)
         return self._forward(input_ids, positions[:, None], mask)

@@ -70,6 +70,11 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     @property
+    def last_token_id(self) -> int:
+        """The token a decode step feeds in (no concatenation: this runs for every sequence every step)."""
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
