@@ -2,20 +2,51 @@
 
 Decoding the whole output each step is quadratic and a byte-level BPE token may end mid-character,
 so text is released the way vLLM does it: decode a short window and emit only what is stable.
-Text that could still grow into a stop string is held back until it cannot."""
+Text that could still grow into a stop string is held back until it cannot.
+
+Stop strings are matched character by character (Knuth-Morris-Pratt), so a token's cost is its own
+text times the number of stop strings, whatever the output's length, and the result does not depend
+on where token boundaries fall: the text ends where the first stop string completes (of several
+completing on the same character, the longest), and everything from that stop string on is dropped."""
 
 from __future__ import annotations
+
+
+class _StopString:
+    """One stop string and `matched`: how many of its first characters the text now ends with."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.matched = 0
+        # fallback[k]: the length of the longest proper prefix of text[:k + 1] that is also its suffix
+        self.fallback = [0] * len(text)
+        k = 0
+        for i in range(1, len(text)):
+            while k and text[i] != text[k]:
+                k = self.fallback[k - 1]
+            if text[i] == text[k]:
+                k += 1
+            self.fallback[i] = k
+
+    def feed(self, char: str) -> bool:
+        """Advance by one character of output; True when the stop string is complete."""
+        k, text = self.matched, self.text
+        while k and text[k] != char:
+            k = self.fallback[k - 1]
+        if text[k] == char:
+            k += 1
+        self.matched = k
+        return k == len(text)
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]):
         self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
+        self.stops = [_StopString(s) for s in dict.fromkeys(s for s in stop if s)]
         self.ids: list[int] = list(prompt_ids[-6:])  # context so the first token decodes as it would mid-text
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self.text = ""  # all stable output text so far (stop string excluded)
-        self.emitted = 0  # chars of self.text already handed out
+        self.pending = ""  # stable text not yet handed out: the held-back tail, then the new text
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the text
 
@@ -27,31 +58,24 @@ class IncrementalDetokenizer:
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix) :]
+            self._append(full[len(prefix) :])
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-        self._check_stop()
 
-    def _check_stop(self) -> None:
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.emitted - len(s)))
-            if at != -1:
-                self.text = self.text[:at]
-                self.stopped, self.matched = True, s
+    def _append(self, new: str) -> None:
+        start = len(self.pending)
+        self.pending += new
+        for i, char in enumerate(new):
+            done = [s.text for s in self.stops if s.feed(char)]
+            if done:
+                # a stop string's earlier characters were held back, so it lies within `pending`
+                self.matched = max(done, key=len)
+                self.pending = self.pending[: start + i + 1 - len(self.matched)]
+                self.stopped = True
                 return
 
-    def _held_back(self) -> int:
-        """Chars at the end of the text that are a proper prefix of some stop string."""
-        held = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), held, -1):
-                if self.text.endswith(s[:n]):
-                    held = n
-                    break
-        return held
-
     def take_delta(self, final: bool) -> str:
-        end = len(self.text) if (final or self.stopped) else len(self.text) - self._held_back()
-        delta = self.text[self.emitted : end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
+        held = 0 if (final or self.stopped) else max((s.matched for s in self.stops), default=0)
+        delta = self.pending[: len(self.pending) - held]
+        self.pending = self.pending[len(delta) :]
         return delta
