@@ -1,25 +1,75 @@
-"""Loading a configured model and its tokenizer the same way in every deployment."""
+"""Loading a configured model and its tokenizer the same way in every deployment.
+
+Which `source:` is a path and which a Hugging Face id is decided by `model_source`, on the node
+that loads the model, so that a directory missing there is an error naming it rather than a
+download of whatever Hub repository happens to have that name."""
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
+from pathlib import Path
 
-from app.config import EmbeddingModelConfig, EngineConfig, ModelConfig
+from app.config import PACKAGE_SOURCE, PROJECT_ROOT, ConfigError, EmbeddingModelConfig, EngineConfig, ModelConfig
 
 log = logging.getLogger("conduit.loading")
+
+
+def model_source(config: ModelConfig | EmbeddingModelConfig) -> str:
+    """The directory or Hugging Face id to load `config`'s model from. The rule:
+
+    - a source starting with `/`, `.` (`./x`, `../x`, `.cache/x`) or `~` is a path: a local
+      directory (relative ones from the Conduit checkout), never a Hub id (no Hub id starts so);
+    - a bare `a/b` or `a` is the checkout's directory of that name when there is one, else a Hub
+      id, unless it cannot be one (e.g. `a/b/c`) or its first part is a directory of the checkout
+      (`models/x` where `models/` exists): then it is a path missing on this node;
+    - `package:MODULE` is checked when the config is parsed.
+
+    A missing path is a ConfigError naming the model, the source and the directory looked for."""
+    if config.source.startswith(PACKAGE_SOURCE):
+        return config.resolved_source
+    source = config.source
+    if source.startswith("~"):  # Ray's processes do not expand it, and each node's home differs
+        raise _missing(config, f"{source} starts with '~', which is not expanded: write the absolute path")
+    local = (PROJECT_ROOT / source).resolve()  # an absolute source stays itself
+    if local.is_dir():
+        return str(local)
+    if _is_path(source):
+        raise _missing(config, f"{local} is not a directory on this node ({socket.gethostname()})")
+    return source
+
+
+def _is_path(source: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if source.startswith((".", "/")) or (PROJECT_ROOT / Path(source).parts[0]).is_dir():
+        return True
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _missing(config: ModelConfig | EmbeddingModelConfig, why: str) -> ConfigError:
+    hint = (" (build_demo_if_missing builds it only where the app is built: run `conduit demo-model` on"
+            " every node, or build it into the image)") if getattr(config, "build_demo_if_missing", False) else ""
+    return ConfigError(f"model {config.name!r}: source {config.source!r} is a local path, but {why}{hint}. "
+                       "A Hugging Face id is `name` or `org/name`; start a path with ./ or / to say it is one")
 
 
 def load_tokenizer(config: ModelConfig | EmbeddingModelConfig):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(config.resolved_source, trust_remote_code=config.trust_remote_code)
+    return AutoTokenizer.from_pretrained(model_source(config), trust_remote_code=config.trust_remote_code)
 
 
 def resolved_engine_config(config: ModelConfig) -> EngineConfig:
     from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(config.resolved_source, trust_remote_code=config.trust_remote_code)
+    hf_config = AutoConfig.from_pretrained(model_source(config), trust_remote_code=config.trust_remote_code)
     text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     return config.engine.resolved(getattr(text_config, "max_position_embeddings", None))
 
@@ -40,9 +90,10 @@ def load_model(config: ModelConfig, device: str):
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     started = time.monotonic()
-    log.info("loading model %s from %s on %s (%s) ...", config.name, config.resolved_source, device, dtype)
+    source = model_source(config)
+    log.info("loading model %s from %s on %s (%s) ...", config.name, source, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        config.resolved_source,
+        source,
         dtype=getattr(torch, dtype),
         trust_remote_code=config.trust_remote_code,
         attn_implementation="sdpa",
@@ -65,7 +116,7 @@ def load_replica_model(config: ModelConfig, device: str):
 
     from app.engine.tensor_parallel import TensorParallelModel, TensorParallelRunner
 
-    source, remote = config.resolved_source, config.trust_remote_code
+    source, remote = model_source(config), config.trust_remote_code
     try:
         generation_config = GenerationConfig.from_pretrained(source, trust_remote_code=remote)
     except OSError:  # the model ships none
