@@ -14,7 +14,8 @@ from ray import serve
 from app.api.errors import ConduitError, unavailable
 from app.api.protocol import PreparedRequest
 from app.config import ModelConfig
-from app.engine.async_engine import AsyncEngine
+from app.engine.async_engine import AsyncEngine, EngineDeadError
+from app.engine.errors import RequestRejected
 from app.engine.engine import LLMEngine, RequestOutput
 from app.loading import load_replica_model, load_tokenizer, pick_device, resolved_engine_config
 from app.metrics import LoadProgress, ModelMetrics
@@ -64,11 +65,25 @@ class Model:
                 self.config.stream_interval_s, self.config.max_stream_messages_per_s,
             )):
                 yield out
-        except ValueError as e:  # the engine refused it (e.g. can never fit in the KV cache)
-            raise ConduitError(str(e), 400, param="max_tokens") from None
+        except RequestRejected as e:  # e.g. it can never fit in the KV cache
+            raise ConduitError(e.message, 400, param=e.param) from None
+        except EngineDeadError:
+            raise
+        except Exception as e:  # this request's sequence failed in the engine; the others run on
+            raise request_failed(request.request_id, e) from None
 
     async def stats(self) -> dict:
         return vars(self.engine.engine.stats())
 
     async def check_health(self) -> None:
         self.engine.check_health(STALL_LIMIT_S)
+
+
+def request_failed(request_id: str, error: Exception) -> ConduitError:
+    import torch
+
+    log.warning("request %s failed in the engine: %r", request_id, error)
+    if isinstance(error, torch.OutOfMemoryError):
+        return ConduitError("This request needs more memory than the model replica has free; ask for fewer "
+                            "tokens or no prompt log-probs.", 400, code="out_of_memory")
+    return ConduitError(f"Generation failed for this request: {error}", 500, "server_error", code="generation_failed")

@@ -7,6 +7,7 @@ posted to an inbox and applied between steps (that is how new requests join a ru
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +26,8 @@ class AsyncEngine:
         self._inbox: list[tuple] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, asyncio.Queue] = {}  # by engine id
+        self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -67,13 +69,18 @@ class AsyncEngine:
         min_interval: float = 0.0, max_messages_per_s: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields merged deltas (the first at once, then at most one per `flush_interval()`), the last
-        with `finished=True`. Closing the iterator early aborts the request and frees its KV blocks."""
+        with `finished=True`. Closing the iterator early aborts the request and frees its KV blocks.
+        Raises the engine's error for this request (a RequestRejected, or why its sequence failed).
+
+        `request_id` is the caller's, for logs only: the engine keys the request by an id of its own,
+        so two requests that bring the same id (a client's x-request-id) never share a stream."""
         self.ensure_started()
         if not self.alive:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
+        engine_id = f"{request_id}#{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
-        self._post(("add", request_id, prompt_ids, params))
+        self._streams[engine_id] = queue
+        self._post(("add", engine_id, prompt_ids, params))
         finished = False
         last_flush = -1e9
         try:
@@ -85,11 +92,12 @@ class AsyncEngine:
                     out = _drain(out, queue)
                 last_flush = time.monotonic()
                 finished = out.finished
+                out.request_id = request_id
                 yield out
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.pop(engine_id, None)
             if not finished:
-                self._post(("abort", request_id))
+                self._post(("abort", engine_id))
 
     # engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -120,19 +128,15 @@ class AsyncEngine:
             _, request_id, prompt_ids, params = command
             try:
                 self.engine.add_request(request_id, prompt_ids, params)
-            except ValueError as e:
-                self._loop.call_soon_threadsafe(self._dispatch_error, request_id, e)
+            except Exception as e:  # refused (RequestRejected) or failed on arrival: this request only
+                failed = RequestOutput(request_id, finished=True, finish_reason="error", error=e)
+                self._loop.call_soon_threadsafe(self._dispatch, [failed])
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             queue = self._streams.get(out.request_id)
             if queue is not None:
-                queue.put_nowait(out)
-
-    def _dispatch_error(self, request_id: str, error: Exception) -> None:
-        queue = self._streams.get(request_id)
-        if queue is not None:
-            queue.put_nowait(error)
+                queue.put_nowait(out if out.error is None else out.error)
 
     def _fail_all(self, error: BaseException) -> None:
         for queue in self._streams.values():

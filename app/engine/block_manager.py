@@ -47,7 +47,8 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> None:
         """Give `seq` its block table: shared cached blocks for its longest cached prefix, fresh ones
         after it. Sets `seq.num_cached` to the tokens whose K/V are already there."""
-        shared = self._match_prefix(seq.token_ids)
+        # a prompt being scored computes every position, so it shares no cached block
+        shared = [] if seq.scores_prompt else self._match_prefix(seq.token_ids)
         for block in shared:
             self.free.pop(block, None)
             self.ref_counts[block] += 1

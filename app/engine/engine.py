@@ -19,12 +19,17 @@ import torch
 from app.config import EngineConfig
 from app.engine.block_manager import BlockManager
 from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.logprobs import TokenLogprobs, TokenNames, prompt_logprobs, token_logprobs
+from app.engine.errors import RequestRejected
+from app.engine.logprobs import Logprob, TokenLogprobs, TokenNames, token_logprobs
 from app.engine.model_runner import ModelRunner
 from app.engine.sampler import sample
 from app.engine.sampling_params import SamplingParams
 from app.engine.scheduler import Scheduler
 from app.engine.sequence import RequestTimings, Sequence, SequenceStatus
+
+# logits one chunk of a prompt being scored may hold (64 MiB in float32): the chunk is this over the
+# vocabulary size in positions, e.g. 128 positions of a 128k vocabulary
+PROMPT_SCORING_ELEMENTS = 2**24
 
 
 @dataclass
@@ -35,7 +40,7 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it; None for EOS
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
@@ -44,6 +49,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs] | None = None  # first output only; the first token's logprob is None
     itl: list[float] = field(default_factory=list)  # seconds between successive tokens of this delta
     timings: RequestTimings | None = None  # on the finished output only (metrics)
+    error: Exception | None = None  # finish_reason "error": why this request (and no other) ended
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         self.token_ids += later.token_ids
@@ -86,24 +92,25 @@ class LLMEngine:
 
     # requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raises RequestRejected (naming the field) for a request this engine cannot serve."""
+        params.check()
         total = len(prompt_ids) + params.max_tokens
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise RequestRejected("the prompt is empty", "prompt")
         if total > self.max_model_len:
-            raise ValueError(
+            raise RequestRejected(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                f"context window of {self.max_model_len} tokens"
+                f"context window of {self.max_model_len} tokens", "max_tokens"
             )
         if -(-total // self.config.block_size) > self.config.num_kv_blocks:
-            raise ValueError(f"prompt + max_tokens ({total} tokens) can never fit in the KV cache")
+            raise RequestRejected(f"prompt + max_tokens ({total} tokens) can never fit in the KV cache", "max_tokens")
+        if params.prompt_logprobs is not None and not isinstance(self.model, torch.nn.Module):
+            # tensor parallel: the weights, and so the scoring forward, are in the workers
+            raise RequestRejected("prompt log-probs are not supported with tensor parallelism", "prompt_logprobs")
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         seq = Sequence(request_id, prompt_ids, params, detok, self.eos_ids)
         if params.guided is not None:
             seq.matcher = self._guided_compiler().matcher(params.guided)
-        if params.prompt_logprobs is not None:
-            if not isinstance(self.model, torch.nn.Module):  # tensor parallel: the weights are in the workers
-                raise ValueError("prompt log-probs are not supported with tensor parallelism")
-            seq.prompt_logprobs = prompt_logprobs(self.model, prompt_ids, params.prompt_logprobs, self.token_names)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -131,34 +138,107 @@ class LLMEngine:
     # the step ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        """One forward over the scheduled sequences and a token for each. Whatever fails for one
+        sequence (its forward, its sampling controls, its detokenizing) ends that sequence alone, with
+        an output carrying the error; the rest of the batch goes on unchanged."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
         now = time.monotonic()
         for seq in seqs:
             seq.timings.scheduled(now)
-        if is_prefill:
-            logits = self.runner.prefill(seqs)
-            for seq in seqs:
-                seq.num_cached = seq.num_tokens
+        failed: list[RequestOutput] = []
+        seqs, logits = self._run_model(seqs, is_prefill, failed)
+        for seq in seqs:
+            seq.num_cached = seq.num_tokens
+            if is_prefill:
                 self.blocks.register_prefix(seq)
-        else:
-            logits = self.runner.decode(seqs)
-            for seq in seqs:
-                seq.num_cached = seq.num_tokens
-        scored = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
-        raw_logits = logits[scored] if scored else None  # a copy: sample() edits logits in place
-        tokens = sample(logits, seqs)
-        outputs = [self._append_token(seq, token) for seq, token in zip(seqs, tokens)]
-        if scored:
-            for i, lp in zip(scored, token_logprobs(raw_logits, [tokens[i] for i in scored],
-                                                    [seqs[i].params.logprobs for i in scored], self.token_names)):
-                outputs[i].logprobs = [lp]
+        outputs = self._next_tokens(seqs, logits, failed) if seqs else []
         for seq in seqs:
             if seq.is_finished:
                 self.scheduler.remove(seq)
                 self.sequences.pop(seq.request_id, None)
-        return outputs
+        return outputs + failed
+
+    def _run_model(self, seqs: list[Sequence], is_prefill: bool,
+                   failed: list[RequestOutput]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """(the sequences that computed, their last-token logits). A forward that raises is retried one
+        sequence at a time, so a failure that follows one request (out of memory on its long prompt)
+        ends that request only. One that every sequence of a batch hits alone is the engine's own
+        fault: it is raised, ending the loop, so that Serve replaces the replica."""
+        try:
+            return seqs, self._forward(seqs, is_prefill)
+        except torch.AcceleratorError:  # the device itself failed (a CUDA assert): no sequence can run
+            raise
+        except Exception as e:
+            if len(seqs) == 1:
+                self._fail(seqs[0], e, failed)
+                return [], None
+        kept, rows, errors = [], [], []
+        for seq in seqs:
+            try:
+                rows.append(self._forward([seq], is_prefill))
+                kept.append(seq)
+            except torch.AcceleratorError:
+                raise
+            except Exception as e:
+                errors.append((seq, e))
+        if not kept:
+            raise errors[0][1]
+        for seq, e in errors:
+            self._fail(seq, e, failed)
+        return kept, torch.cat(rows)
+
+    def _forward(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        if not is_prefill:
+            return self.runner.decode(seqs)
+        if seqs[0].scores_prompt:  # the scheduler admits such a sequence alone
+            return self._prefill_scored(seqs[0])
+        return self.runner.prefill(seqs)
+
+    def _prefill_scored(self, seq: Sequence) -> torch.Tensor:
+        """Prefill a sequence that asked for its prompt's log-probs, in chunks through the paged KV
+        cache, scoring each chunk's positions as it goes: memory is bounded by the chunk (positions x
+        vocabulary), whatever the prompt's length. Returns its last position's logits."""
+        k, prompt = seq.params.prompt_logprobs, seq.prompt_ids
+        scores = [TokenLogprobs(Logprob(prompt[0], self.token_names(prompt[0]), None))]
+        chunk = max(1, min(self.config.max_prefill_tokens, PROMPT_SCORING_ELEMENTS // self._vocab_size()))
+        for start in range(0, len(prompt), chunk):
+            end = min(start + chunk, len(prompt))
+            logits = self.runner.prefill_span(seq, start, end)  # [end - start, vocab]: position p predicts p + 1
+            targets = prompt[start + 1 : end + 1]  # the last position predicts the first output instead
+            if targets:
+                scores += token_logprobs(logits[: len(targets)], targets, [k] * len(targets), self.token_names)
+        seq.prompt_logprobs = scores
+        return logits[-1:]
+
+    def _next_tokens(self, seqs: list[Sequence], logits: torch.Tensor, failed: list[RequestOutput]) -> list[RequestOutput]:
+        scored = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        raw_logits = logits[scored] if scored else None  # a copy: sample() edits logits in place
+        tokens, unsampled = sample(logits, seqs)
+        outputs: dict[int, RequestOutput] = {}
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            try:
+                if i in unsampled:
+                    raise unsampled[i]
+                outputs[i] = self._append_token(seq, token)
+            except Exception as e:
+                self._fail(seq, e, failed)
+        kept = [j for j, i in enumerate(scored) if i in outputs]  # raw_logits rows of scored sequences still running
+        if kept:
+            rows = [scored[j] for j in kept]
+            for i, lp in zip(rows, token_logprobs(raw_logits[kept], [tokens[i] for i in rows],
+                                                  [seqs[i].params.logprobs for i in rows], self.token_names)):
+                outputs[i].logprobs = [lp]
+        return list(outputs.values())
+
+    def _fail(self, seq: Sequence, error: Exception, failed: list[RequestOutput]) -> None:
+        self.scheduler.remove(seq)
+        self.sequences.pop(seq.request_id, None)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
+        failed.append(RequestOutput(seq.request_id, finished=True, finish_reason="error", error=error,
+                                    num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
+                                    timings=seq.timings))
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         seq.output_ids.append(token)
@@ -190,12 +270,14 @@ class LLMEngine:
             prompt_logprobs=seq.prompt_logprobs if n == 1 else None,
         )
 
+    def _vocab_size(self) -> int:
+        return self.model.config.get_text_config().vocab_size
+
     def _guided_compiler(self):
         if self._guided is None:
             from app.engine.guided import GuidedCompiler  # xgrammar loads only where it is used
 
-            vocab_size = self.model.config.get_text_config().vocab_size
-            self._guided = GuidedCompiler(self.tokenizer, vocab_size, sorted(self.eos_ids))
+            self._guided = GuidedCompiler(self.tokenizer, self._vocab_size(), sorted(self.eos_ids))
         return self._guided
 
 

@@ -53,14 +53,3 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int], na
         result.append(TokenLogprobs(Logprob(token_id, names(token_id), chosen[i]), top))
     return result
 
-
-def prompt_logprobs(model, prompt_ids: list[int], k: int, names: TokenNames) -> list[TokenLogprobs]:
-    """Each prompt token scored given the ones before it (the first, with nothing before it, has
-    logprob None). One plain forward pass of the model, outside the KV cache, paid only by the
-    requests that ask."""
-    first = TokenLogprobs(Logprob(prompt_ids[0], names(prompt_ids[0]), None))
-    if len(prompt_ids) == 1:
-        return [first]
-    device = next(model.parameters()).device
-    logits = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False).logits[0, :-1]
-    return [first, *token_logprobs(logits, prompt_ids[1:], [k] * (len(prompt_ids) - 1), names)]

@@ -39,10 +39,11 @@ class PagedKVCache:
         self._plan = None  # (write rows, read rows, (batch, kv_len), real-token mask or None), per forward
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None  # see _scratch
 
-    def plan(self, seqs: list[Sequence], num_new: list[int], device: torch.device) -> None:
-        """Before a forward: sequence i computes its last `num_new[i]` tokens (right-aligned in the
-        input, left padding) and attends to all of its `num_tokens`."""
-        lengths = torch.tensor([seq.num_tokens for seq in seqs])
+    def plan(self, seqs: list[Sequence], num_new: list[int], device: torch.device,
+             lengths: list[int] | None = None) -> None:
+        """Before a forward: sequence i computes the `num_new[i]` tokens that end at `lengths[i]`
+        (default: all its tokens; right-aligned in the input, left padding) and attends to all of them."""
+        lengths = torch.tensor(lengths or [seq.num_tokens for seq in seqs])
         new = torch.tensor(num_new)
         kv_len = int(lengths.max())
         width = -(-kv_len // self.block_size)
@@ -105,35 +106,44 @@ class ModelRunner:
         # transformers 5 renamed `past_key_values` to `cache`; models not yet migrated take the old name
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 logits_to_keep: int = 1) -> torch.Tensor:
+        """[batch, logits_to_keep (0: every position), vocab] float32 logits."""
         out = self.model(
             input_ids=input_ids.to(self.device),
             position_ids=positions.to(self.device),
             attention_mask=mask.to(self.device),
             **{self.cache_kwarg: self.cache},
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=logits_to_keep,
         )
-        return out.logits[:, -1, :].float()
+        return out.logits.float()
 
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Compute each sequence's uncached tokens; returns last-token logits."""
-        todo = [seq.token_ids[seq.num_cached :] for seq in seqs]
-        q = max(len(t) for t in todo)
-        kv_len = max(seq.num_tokens for seq in seqs)
-        input_ids = torch.zeros((len(seqs), q), dtype=torch.long)
-        positions = torch.zeros((len(seqs), q), dtype=torch.long)
-        mask = torch.zeros((len(seqs), 1, q, kv_len), dtype=torch.bool)
+        return self._prefill([(seq, seq.num_cached, seq.num_tokens) for seq in seqs])[:, -1]
+
+    def prefill_span(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """Compute `seq`'s tokens [start, end) over its cached [0, start); returns every one's logits."""
+        return self._prefill([(seq, start, end)], logits_to_keep=0)[0]
+
+    def _prefill(self, spans: list[tuple[Sequence, int, int]], logits_to_keep: int = 1) -> torch.Tensor:
+        q = max(end - start for _, start, end in spans)
+        kv_len = max(end for _, _, end in spans)
+        input_ids = torch.zeros((len(spans), q), dtype=torch.long)
+        positions = torch.zeros((len(spans), q), dtype=torch.long)
+        mask = torch.zeros((len(spans), 1, q, kv_len), dtype=torch.bool)
         mask[:, :, :, 0] = True  # padding rows attend somewhere, so they stay finite
         keys = torch.arange(kv_len)
-        for i, (seq, toks) in enumerate(zip(seqs, todo)):
-            n, start = len(toks), seq.num_cached
-            input_ids[i, q - n :] = torch.tensor(toks)
-            pos = torch.arange(start, start + n)
+        for i, (seq, start, end) in enumerate(spans):
+            n = end - start
+            input_ids[i, q - n :] = torch.tensor(seq.token_ids[start:end])
+            pos = torch.arange(start, end)
             positions[i, q - n :] = pos
             mask[i, 0, q - n :] = keys[None, :] <= pos[:, None]
-        self.cache.plan(seqs, [len(t) for t in todo], self.device)
-        return self._forward(input_ids, positions, mask)
+        seqs = [seq for seq, _, _ in spans]
+        self.cache.plan(seqs, [end - start for _, start, end in spans], self.device, [end for _, _, end in spans])
+        return self._forward(input_ids, positions, mask, logits_to_keep)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each running sequence."""
@@ -142,4 +152,4 @@ class ModelRunner:
         mask = (torch.arange(kv_len)[None, :] <= positions[:, None])[:, None, None, :]
         input_ids = torch.tensor([[seq.last_token_id] for seq in seqs])
         self.cache.plan(seqs, [1] * len(seqs), self.device)
-        return self._forward(input_ids, positions[:, None], mask)
+        return self._forward(input_ids, positions[:, None], mask)[:, -1]

@@ -42,26 +42,50 @@ def _filter(logits: torch.Tensor, params: list) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits: [batch, vocab] float32, row i for seqs[i]."""
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[int, Exception]]:
+    """logits: [batch, vocab] float32, row i for seqs[i]. Returns (a token per row, the rows that could
+    not be sampled and why). A row's own controls may fail it (say, probabilities that came out NaN);
+    that fails the row alone, never its batch."""
+    failed: dict[int, Exception] = {}
     for i, seq in enumerate(seqs):
-        if seq.params.needs_penalties:
-            _apply_penalties(logits[i], seq)
-        if seq.matcher is not None:  # the grammar alone decides where a guided output may end
-            seq.matcher.mask(logits[i : i + 1])
-        elif not seq.params.ignore_eos and len(seq.output_ids) < seq.params.min_tokens:
-            for eos in seq.eos_ids:
-                logits[i, eos] = float("-inf")
+        try:
+            _prepare_row(logits, i, seq)
+        except Exception as e:
+            failed[i] = e
     tokens = logits.argmax(dim=-1).tolist()
     # unseeded rows draw together in one call; a seeded row draws alone from its own generator, so its
     # output does not depend on the rest of the batch
-    unseeded = [i for i, seq in enumerate(seqs) if not seq.params.greedy and seq.generator is None]
-    if unseeded:
-        probs = _filter(logits[unseeded], [seqs[i].params for i in unseeded])
-        for i, token in zip(unseeded, torch.multinomial(probs, 1)[:, 0].tolist()):
-            tokens[i] = token
-    for i, seq in enumerate(seqs):
-        if not seq.params.greedy and seq.generator is not None:
-            probs = _filter(logits[i : i + 1], [seq.params])
-            tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
-    return tokens
+    sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy and i not in failed]
+    unseeded = [i for i in sampled if seqs[i].generator is None]
+    draws = [(unseeded, _draw(logits[unseeded], [seqs[i].params for i in unseeded]))]
+    draws += [([i], _draw(logits[i : i + 1], [seqs[i].params], seqs[i].generator))
+              for i in sampled if seqs[i].generator is not None]
+    for rows, drawn in draws:
+        for i, token in zip(rows, drawn):
+            if token is None:
+                failed[i] = ValueError("the sampling controls left no valid probability distribution")
+            else:
+                tokens[i] = token
+    return tokens, failed
+
+
+def _prepare_row(logits: torch.Tensor, i: int, seq: Sequence) -> None:
+    if seq.params.needs_penalties:
+        _apply_penalties(logits[i], seq)
+    if seq.matcher is not None:  # the grammar alone decides where a guided output may end
+        seq.matcher.mask(logits[i : i + 1])
+    elif not seq.params.ignore_eos and len(seq.output_ids) < seq.params.min_tokens:
+        for eos in seq.eos_ids:
+            logits[i, eos] = float("-inf")
+
+
+def _draw(logits: torch.Tensor, params: list, generator: torch.Generator | None = None) -> list[int | None]:
+    """A token per row, None for a row whose probabilities are unusable (NaN, inf or all zero): found
+    before the draw, because on CUDA multinomial would assert on it and take the device down."""
+    if not params:
+        return []
+    probs = _filter(logits, params)
+    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    probs = torch.where(usable[:, None], probs, 1.0)
+    drawn = torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()
+    return [token if ok else None for token, ok in zip(drawn, usable.tolist())]

@@ -3,7 +3,15 @@ layer; wire formats validate their own fields and build one of these."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from app.engine.errors import RequestRejected
+
+# below this a temperature is greedy (vLLM's _SAMPLING_EPS): dividing logits by it overflows float32
+GREEDY_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 0.01  # the penalty divides logits: below this they overflow float32
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -38,7 +46,32 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
+
+    def check(self) -> None:
+        """Raise RequestRejected naming the first field the engine cannot compute with. Wire formats
+        bound their fields first (app/api/bounds.py); this keeps the engine safe from any caller."""
+        floats = {"temperature": self.temperature, "top_p": self.top_p, "min_p": self.min_p,
+                  "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                  "repetition_penalty": self.repetition_penalty}
+        for name, value in floats.items():
+            if not math.isfinite(value):
+                raise RequestRejected(f"{name} must be a finite number, not {value}", name)
+        rules = [
+            (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (self.repetition_penalty >= MIN_REPETITION_PENALTY, "repetition_penalty",
+             f"must be >= {MIN_REPETITION_PENALTY}"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], "seed", "must fit in 64 bits"),
+            (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "must be >= 0"),
+        ]
+        for ok, name, rule in rules:
+            if not ok:
+                raise RequestRejected(f"{name} {rule}, not {getattr(self, name)}", name)
 
     @property
     def needs_penalties(self) -> bool:

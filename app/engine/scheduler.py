@@ -32,8 +32,8 @@ class Scheduler:
         admitted, budget = [], self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if admitted and seq.num_tokens > budget:
-                break
+            if admitted and (seq.num_tokens > budget or seq.scores_prompt or admitted[0].scores_prompt):
+                break  # a prompt being scored prefills alone, in chunks (engine._prefill_scored)
             if not self.blocks.can_allocate(seq.num_tokens):
                 break
             self.waiting.popleft()

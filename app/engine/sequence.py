@@ -63,7 +63,7 @@ class Sequence:
         self.timings = RequestTimings()
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.matcher = None  # GuidedMatcher (app/engine/guided.py) when params.guided is set
-        self.prompt_logprobs = None  # computed at arrival when params.prompt_logprobs is set
+        self.prompt_logprobs = None  # computed by its first prefill when params.prompt_logprobs is set
 
     @property
     def token_ids(self) -> list[int]:
@@ -73,6 +73,12 @@ class Sequence:
     def last_token_id(self) -> int:
         """The token a decode step feeds in (no concatenation: this runs for every sequence every step)."""
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its next prefill scores the prompt (asked, and not yet done: a recompute after preemption
+        does not score again)."""
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
 
     @property
     def num_tokens(self) -> int:
