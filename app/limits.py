@@ -5,7 +5,8 @@ The counts live in one named, detached Ray actor (`WindowCounts`): requests and 
 the current one-minute window. An ingress replica does not ask it on every request: it leases
 request units in batches and reports tokens in batches, in the background. It waits for the actor
 only when its lease is spent (the first request of a key in a window, or near the limit, where
-leases shrink to one unit so the limit stays exact across replicas)."""
+leases shrink to one unit so the limit stays exact across replicas). A key refused for requests
+stays refused in the replica until the window resets, with no actor call."""
 
 from __future__ import annotations
 
@@ -101,7 +102,9 @@ class RateLimiter:
     async def admit(self, key: str) -> dict[str, str]:
         """Count one request for `key`: its rate-limit headers, or a 429 when it is over a limit."""
         view = self._view(key)
-        if self.rpm and view.leased == 0:
+        # the count only grows in a window: once it reaches the limit, the key is refused here,
+        # without asking the counter, until the window resets
+        if self.rpm and view.leased == 0 and view.used_requests < self.rpm:
             await self._sync(key, view, self._lease_size(view))
         if self.tpm and view.used_tokens + view.unsent_tokens >= self.tpm:
             raise self._over_limit(view, "tokens", self.tpm)
