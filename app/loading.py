@@ -11,7 +11,14 @@ import socket
 import time
 from pathlib import Path
 
-from app.config import PACKAGE_SOURCE, PROJECT_ROOT, ConfigError, EmbeddingModelConfig, EngineConfig, ModelConfig
+from app.config import (
+    PACKAGE_SOURCE,
+    PROJECT_ROOT,
+    ConfigError,
+    EmbeddingModelConfig,
+    EngineConfig,
+    ModelConfig,
+)
 
 log = logging.getLogger("conduit.loading")
 
