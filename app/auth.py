@@ -15,7 +15,7 @@ from app.api.errors import ConduitError
 from app.config import PROJECT_ROOT, AuthConfig, ConfigError
 
 KEY_HEADERS = ("authorization", "x-api-key", "api-key")  # OpenAI / Anthropic / Azure clients
-OPEN_PATHS = ("/health", "/metrics")  # open unless auth.protect_health
+PROBE_PATHS = ("/health", "/metrics")  # GET/HEAD only; open unless auth.protect_health
 
 
 def digest(key: str) -> bytes:

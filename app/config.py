@@ -200,6 +200,10 @@ class IngressConfig(Strict):
         600, gt=0, description="deadline of one request; a client may ask for less (x-request-timeout header)"
     )
     cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed (CORS); none: off")
+    body_timeout_s: float = Field(
+        30, gt=0, description="a request body must arrive whole within this many seconds of its headers; later: 408, "
+        "so a slow sender cannot hold a slot"
+    )
 
 
 class AuthConfig(Strict):

@@ -1,6 +1,6 @@
-"""Admission of one HTTP call, before any route runs: the ingress replica's capacity (503), its API
-key (401), its key's rate limits (429) and its deadline. The result travels to the Pipeline in
-`app.limits.current_call`."""
+"""Admission of one HTTP call, before any route runs, in this order: its API key (401; probe paths
+take GET/HEAD only, 405), the ingress replica's capacity (503), its key's rate limits (429) and its
+deadline. The result travels to the Pipeline in `app.limits.current_call`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import ConduitError, invalid, unavailable
-from app.auth import OPEN_PATHS, KeyStore, check_exposure, describe, missing_or_wrong, presented_key, proxy_host
+from app.auth import PROBE_PATHS, KeyStore, check_exposure, describe, missing_or_wrong, presented_key, proxy_host
 from app.config import AppConfig
 from app.limits import Call, RateLimiter, counter_actor, current_call
 
@@ -43,13 +43,35 @@ class Gate:
             limiter = RateLimiter(limits, lambda *args: counter.take.remote(*args))
         return cls(config, keys, limiter)
 
+    def authenticate(self, request: Request) -> str | None:
+        """The caller's key id (ANONYMOUS when no keys are configured), or None on an open path;
+        raises 405 (a probe path called with a method that sends a body) or 401."""
+        path = route_path(request)
+        if path in PROBE_PATHS:
+            if request.method not in ("GET", "HEAD"):
+                raise ConduitError(f"{path} answers GET and HEAD only, not {request.method}", 405,
+                                   code="method_not_allowed", headers={"allow": "GET, HEAD"})
+            if not self.config.auth.protect_health:
+                return None
+        if self.keys is None:
+            return ANONYMOUS
+        presented = presented_key(request.headers)
+        key = self.keys.identify(presented)
+        if key is None:
+            raise missing_or_wrong(presented)
+        return key
+
     def middleware(self, error_response):
-        """The ASGI middleware: refused calls get `error_response`, admitted ones run with their
-        `Call` in `current_call` and their rate-limit headers added."""
+        """The admission middleware, after `Authenticate` and the capacity check: refused calls get
+        `error_response`, admitted ones run with their `Call` in `current_call` and their rate-limit
+        headers added. Open paths pass as they are."""
 
         async def admit_call(request: Request, call_next):
+            key = request.state.key_id
+            if key is None:
+                return await call_next(request)
             try:
-                call, headers = await self.admit(request, asyncio.get_running_loop().time())
+                call, headers = await self.admit(request, key, asyncio.get_running_loop().time())
             except ConduitError as err:
                 return error_response(request, err)
             token = current_call.set(call)
@@ -62,16 +84,8 @@ class Gate:
 
         return admit_call
 
-    async def admit(self, request: Request, now: float) -> tuple[Call, dict[str, str]]:
-        """(the call's context, headers for its response); raises 401 / 429 / 400."""
-        if route_path(request) in OPEN_PATHS and not self.config.auth.protect_health:
-            return Call(), {}
-        key = ANONYMOUS
-        if self.keys is not None:
-            presented = presented_key(request.headers)
-            key = self.keys.identify(presented)
-            if key is None:
-                raise missing_or_wrong(presented)
+    async def admit(self, request: Request, key: str, now: float) -> tuple[Call, dict[str, str]]:
+        """(the call's context, headers for its response); raises 429 / 400."""
         deadline = now + self.timeout(request.headers.get(TIMEOUT_HEADER))
         if self.limiter is None or request.method != "POST":  # only work is rate-limited, not reads
             return Call(deadline), {}
@@ -91,9 +105,28 @@ class Gate:
         return min(seconds, limit)
 
 
+class Authenticate:
+    """ASGI middleware, outside the capacity check: a call refused here (wrong key, wrong method on
+    a probe path) is answered at once, before anything counts it or reads its body. The key id is
+    left in `request.state.key_id` for the admission middleware."""
+
+    def __init__(self, app: ASGIApp, gate: Gate, reject):
+        self.app, self.gate, self.reject = app, gate, reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        try:
+            request.state.key_id = self.gate.authenticate(request)
+        except ConduitError as err:
+            return await self.reject(request, err)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class InFlightCap:
-    """ASGI middleware: at most `limit` POST calls (the ones that do work) in flight in this replica,
-    streamed bodies included; one more gets a 503 with Retry-After in its route's API shape at once.
+    """ASGI middleware: at most `limit` POST calls (the ones that do work) that passed `Authenticate`
+    in flight in this replica, streamed bodies included; one more gets a 503 with Retry-After in its route's API shape at once.
     Ray Serve bounds the replica too (max_ongoing_requests, then max_queued_requests in the proxy's
     queue), but past that bound the proxy answers a plain-text 503 of its own, in no API's shape.
     `limit` sits below Ray's bound, so clients get this answer instead and Ray's queue stays empty."""

@@ -3,6 +3,7 @@ format gets them, and `BodyGuard`, which every POST body passes before its route
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable
@@ -59,18 +60,24 @@ SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 class BodyGuard:
     """ASGI middleware: reads a request body before its route does, at most `max_bytes` of it (413
-    beyond, also for a chunked body that announced no length), and refuses JSON holding an unpaired
-    UTF-16 surrogate. Python parses that into a str that fails wherever the text goes next (the
-    tokenizer, a log line, the response echoing it): a 500 for what is the client's fault. The body
-    is then replayed to the app unchanged."""
+    beyond, also for a chunked body that announced no length) within `timeout_s` (408 later: a slow
+    sender must not hold a slot), and refuses JSON holding an unpaired UTF-16 surrogate. Python
+    parses that into a str that fails wherever the text goes next (the tokenizer, a log line, the
+    response echoing it): a 500 for what is the client's fault. The body is then replayed to the
+    app unchanged."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, reject: Callable[[Request, ConduitError], Response]):
-        self.app, self.max_bytes, self.reject = app, max_bytes, reject
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float,
+                 reject: Callable[[Request, ConduitError], Response]):
+        self.app, self.max_bytes, self.timeout_s, self.reject = app, max_bytes, timeout_s, reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        body = await self._read(receive)
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout_s)
+        except TimeoutError:
+            body = ConduitError(f"The request body did not arrive within {self.timeout_s:g} s", 408,
+                                code="request_timeout")
         if body is None:  # the client went away before sending it all
             return
         error = body if isinstance(body, ConduitError) else surrogate_error(body)
@@ -92,6 +99,35 @@ class BodyGuard:
             chunks.append(chunk)
             if not message.get("more_body"):
                 return b"".join(chunks)
+
+
+class CloseUnread:
+    """ASGI middleware, outermost: a response sent before its request's body was read whole (a
+    refusal: 401, 405, 408, 413, 503) says `connection: close`, so the HTTP server in front (Ray
+    Serve's proxy, uvicorn) closes the connection. Without it, uvicorn keeps reading the unwanted
+    body, with no time limit while the client trickles it: the client would hold the connection."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers", ())) if scope["type"] == "http" else {}
+        if headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers:
+            return await self.app(scope, receive, send)
+        body_read = False
+
+        async def receive_and_note():
+            nonlocal body_read
+            message = await receive()
+            body_read = body_read or (message["type"] == "http.request" and not message.get("more_body"))
+            return message
+
+        async def send_closing(message):
+            if message["type"] == "http.response.start" and not body_read:
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive_and_note, send_closing)
 
 
 def surrogate_error(body: bytes) -> ConduitError | None:

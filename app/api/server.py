@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException
 
 from app import access_log, metrics
 from app.api.errors import ConduitError
-from app.api.gate import Gate, InFlightCap, ingress_capacity, route_path
-from app.api.input_limits import BodyGuard
+from app.api.gate import Authenticate, Gate, InFlightCap, ingress_capacity, route_path
+from app.api.input_limits import BodyGuard, CloseUnread
 from app.api.pipeline import Pipeline
 from app.config import AppConfig
 
@@ -86,12 +86,15 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
     async def on_http_error(request: Request, exc: HTTPException):
         return error_response(request, ConduitError(str(exc.detail), exc.status_code, headers=exc.headers))
 
-    # innermost, after the key is checked: reads the body (bounded) and refuses unusable JSON text
-    api.add_middleware(BodyGuard, max_bytes=config.ingress.max_request_bytes, reject=error_response)
-    # inside request_context (registered after it): API key, rate limits, deadline
-    api.middleware("http")(Gate.from_config(config).middleware(error_response))
-    # outside the key check and rate limits (a refused call costs its key nothing), inside the access log
+    # Outermost last. A call passes: the access log, the key check (refused calls are answered at
+    # once: nothing counts them or reads their body), the capacity check, rate limits and deadline
+    # (after capacity, so a call refused for capacity costs its key nothing), then the body read.
+    gate = Gate.from_config(config)
+    api.add_middleware(BodyGuard, max_bytes=config.ingress.max_request_bytes,
+                       timeout_s=config.ingress.body_timeout_s, reject=error_response)
+    api.middleware("http")(gate.middleware(error_response))
     api.add_middleware(InFlightCap, limit=ingress_capacity(), reject=error_response)
+    api.add_middleware(Authenticate, gate=gate, reject=error_response)
     max_bytes = config.ingress.max_request_bytes
 
     # No x-request-id on responses here: Serve's proxy already echoes it on every response (the
@@ -108,15 +111,17 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
         response = await call_next(request)
         return access_log.finish(record, request, response)
 
-    if config.ingress.cors_origins:  # CORS stays off unless configured; outermost, so preflights need no key
+    # CORS stays off unless configured; outside the key check, so preflights need no key
+    if config.ingress.cors_origins:
         api.add_middleware(CORSMiddleware, allow_origins=config.ingress.cors_origins,
                            allow_methods=["*"], allow_headers=["*"], expose_headers=["*"])
+    api.add_middleware(CloseUnread)  # outermost: sees every answer, refusals by any layer included
 
-    @api.get("/health")
+    @api.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok"}
 
-    @api.get("/metrics", include_in_schema=False)
+    @api.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
     async def prometheus_metrics():
         """Every replica's metrics in the cluster, vLLM's and Conduit's names (app/metrics.py)."""
         return Response(await metrics.scrape_cluster(), media_type=CONTENT_TYPE_LATEST)

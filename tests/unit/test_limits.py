@@ -182,23 +182,29 @@ def test_gate_keys_open_paths_and_deadlines():
         return Gate(config, store, None)
 
     async def run():
-        call, _ = await gate().admit(http_request("/health", {}, "GET", root_path="/app"), now=100)
-        assert call.deadline is None  # open: no key needed
+        assert gate().authenticate(http_request("/health", {}, "GET", root_path="/app")) is None  # open
+        assert gate().authenticate(http_request("/health", {}, "HEAD")) is None
+        for method in ("POST", "PUT", "DELETE"):  # a probe path takes no body, open or not
+            with pytest.raises(ConduitError) as e:
+                gate().authenticate(http_request("/metrics", {}, method))
+            assert e.value.status == 405 and e.value.headers["allow"] == "GET, HEAD"
         with pytest.raises(ConduitError) as e:
-            await gate(protect_health=True).admit(http_request("/health", {}, "GET"), now=100)
+            gate(protect_health=True).authenticate(http_request("/health", {}, "GET"))
         assert e.value.status == 401 and e.value.message.startswith("Missing API key")
         with pytest.raises(ConduitError) as e:
-            await gate().admit(http_request("/v1/completions", {"x-api-key": "bad"}), now=100)
+            gate().authenticate(http_request("/v1/completions", {"x-api-key": "bad"}))
         assert e.value.status == 401 and e.value.message.startswith("Incorrect API key")
         ok = {"authorization": "Bearer good"}
-        assert (await gate().admit(http_request("/v1/completions", ok), now=100))[0].deadline == 130
+        key = gate().authenticate(http_request("/v1/completions", ok))
+        assert key == hashlib.sha256(b"good").hexdigest()[:12]
+        assert (await gate().admit(http_request("/v1/completions", ok), key, now=100))[0].deadline == 130
         shorter = {**ok, "x-request-timeout": "2.5"}
-        assert (await gate().admit(http_request("/v1/completions", shorter), now=100))[0].deadline == 102.5
+        assert (await gate().admit(http_request("/v1/completions", shorter), key, now=100))[0].deadline == 102.5
         longer = {**ok, "x-request-timeout": "999"}  # a client may ask for less, never more
-        assert (await gate().admit(http_request("/v1/completions", longer), now=100))[0].deadline == 130
+        assert (await gate().admit(http_request("/v1/completions", longer), key, now=100))[0].deadline == 130
         for bad in ("0", "-1", "nan", "inf", "soon"):
             with pytest.raises(ConduitError) as e:
-                await gate().admit(http_request("/v1/completions", {**ok, "x-request-timeout": bad}), now=100)
+                await gate().admit(http_request("/v1/completions", {**ok, "x-request-timeout": bad}), key, now=100)
             assert e.value.status == 400 and e.value.param == "x-request-timeout"
 
     asyncio.run(run())

@@ -1,0 +1,116 @@
+"""What a caller without a key can do to the ingress, on a second app ("hardened") with API keys and a
+short body deadline: slow connections that announce a large body must not fill the ingress (refused
+calls are answered before their body is read and never count against its capacity; a keyed call
+whose body does not arrive gets 408 at the deadline) while authorised calls are served."""
+
+import asyncio
+import hashlib
+import secrets
+import time
+from urllib.parse import urlsplit
+
+import pytest
+from openai import AsyncOpenAI
+from ray import serve
+
+from tests.e2e.variants import deploy, model_args
+
+pytestmark = pytest.mark.e2e
+APP = "hardened"
+MODEL = "hardened-demo"
+KEY = f"sk-conduit-test-{secrets.token_hex(12)}"
+BODY_TIMEOUT_S = 15.0  # past the time this machine takes to refuse the others
+SLOW = {"POST /health": 480, "POST /v1/chat/completions": 80, "POST /v1/chat/completions key": 40}
+
+
+@pytest.fixture(scope="module")
+def hardened(server, model_path, tmp_path_factory):
+    keys_file = tmp_path_factory.mktemp("auth") / "api_keys.sha256"
+    keys_file.write_text(hashlib.sha256(KEY.encode()).hexdigest() + "\n")
+    args = {"models": [model_args(model_path, MODEL)], "auth": {"api_keys_file": str(keys_file)},
+            "ingress": {"body_timeout_s": BODY_TIMEOUT_S}}
+    yield deploy(server, APP, args, {})
+    serve.delete(APP, _blocking=False)
+
+
+class SlowCall:
+    """A raw connection that sends a request's headers, announcing a large body, and a few bytes of
+    it; `trickle` then sends one byte every half second, otherwise it stalls."""
+
+    def __init__(self, base: str, path: str, keyed: bool, trickle: bool):
+        self.url, self.path, self.keyed, self.trickle = urlsplit(base + path), path, keyed, trickle
+        self.status: int | None = None
+        self.answered_after_s: float | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.url.hostname, self.url.port)
+        key = f"authorization: Bearer {KEY}\r\n" if self.keyed else ""
+        self.writer.write(f"POST {self.url.path} HTTP/1.1\r\nhost: {self.url.netloc}\r\n{key}"
+                          "content-type: application/json\r\ncontent-length: 900000\r\n\r\n{\"model\": ".encode())
+        await self.writer.drain()
+        self.sent_at = time.monotonic()
+
+    async def answer(self) -> None:
+        """Trickles (or stalls) until the status line comes back."""
+        read = asyncio.create_task(self.reader.readline())
+        while self.trickle and not read.done():
+            self.writer.write(b" ")
+            await asyncio.wait([read], timeout=0.5)
+        line = await read
+        self.answered_after_s = time.monotonic() - self.sent_at
+        self.status = int(line.split()[1]) if line else None
+        self.closed = await closed_by_server(self.reader)
+        self.writer.close()
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    """Whether the server closes the connection after its answer (within 10 s)."""
+    try:
+        await asyncio.wait_for(reader.read(-1), 10)  # the rest of the answer, then the end
+    except ConnectionError:  # closed while our unread bytes sat in its buffer: a reset
+        pass
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+def slow_calls(base: str) -> list[SlowCall]:
+    calls = []
+    for what, count in SLOW.items():
+        _, path, *key = what.split()
+        calls += [SlowCall(base, path, bool(key), trickle=i % 2 == 0) for i in range(count)]
+    return calls
+
+
+def test_slow_bodies_do_not_tie_up_the_ingress(hardened):
+    client = AsyncOpenAI(base_url=f"{hardened}/v1", api_key=KEY, max_retries=0)
+
+    async def run():
+        calls = slow_calls(hardened)
+        await asyncio.gather(*(call.open() for call in calls))
+        answers = asyncio.gather(*(call.answer() for call in calls))
+        started = time.monotonic()
+        reply = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=4)
+        served_after_s = time.monotonic() - started
+        await asyncio.wait_for(answers, BODY_TIMEOUT_S + 60)
+        return calls, reply, served_after_s
+
+    calls, reply, served_after_s = asyncio.run(run())
+    assert reply.usage.completion_tokens == 4
+    by_kind = {}
+    for call in calls:
+        by_kind.setdefault((call.path, call.keyed), []).append(call)
+    print(f"chat served after {served_after_s:.1f} s; answers after (min, max) s:",
+          {k: (min(c.answered_after_s for c in v), max(c.answered_after_s for c in v)) for k, v in by_kind.items()})
+    # refused before the body was read: at once, not at the deadline
+    for (path, keyed), status in [(("/health", False), 405), (("/v1/chat/completions", False), 401)]:
+        refused = by_kind[(path, keyed)]
+        assert {c.status for c in refused} == {status}, path
+        assert max(c.answered_after_s for c in refused) < BODY_TIMEOUT_S, path
+    keyed_calls = by_kind[("/v1/chat/completions", True)]
+    assert {c.status for c in keyed_calls} == {408}
+    assert min(c.answered_after_s for c in keyed_calls) >= BODY_TIMEOUT_S - 0.1  # trickling does not extend it
+    assert served_after_s < min(c.answered_after_s for c in keyed_calls), "the real call waited for a slot"
+    # the proxy in front drops each refused connection instead of reading on a body nobody wants
+    assert all(c.closed for c in calls)
