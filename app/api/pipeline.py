@@ -19,7 +19,7 @@ from app.api.input_limits import cap_max_tokens, check_embedding_inputs, check_g
 from app.api.protocol import GenerateRequest, PreparedRequest
 from app.config import InputLimits
 from app.engine.engine import RequestOutput
-from app.limits import current_call
+from app.limits import Reservation, current_call
 from deployments.router import ModelTable
 
 
@@ -45,25 +45,28 @@ class Pipeline:
             raise invalid(f"`{model}` is an embedding model; call /v1/embeddings with it", "model", "model_not_supported")
         return self.models.resolve(model)
 
-    async def prepare(self, req: GenerateRequest) -> list[PreparedRequest]:
-        """Tokenize once; one engine sequence per choice (seeded choices get seed, seed+1, ...)."""
+    async def prepare(self, req: GenerateRequest) -> tuple[list[PreparedRequest], Reservation]:
+        """Tokenize once and reserve the key's tokens per minute for all it may use (prompt + n ×
+        max_tokens; 429 when they do not fit); one engine sequence per choice (seeded choices get
+        seed, seed+1, ...)."""
         check_generate(req, self.limits)
         started = time.monotonic()
         req.model = self._generative(req.model)
         prepared = await self.tokenizer.prepare.remote(req)
-        current_call.get().charge(len(prepared.prompt_ids))  # the key's tokens per minute
-        access_log.tokenized(req.model, len(prepared.prompt_ids), time.monotonic() - started, req.messages or req.prompt)
+        prompt = len(prepared.prompt_ids)
+        access_log.tokenized(req.model, prompt, time.monotonic() - started, req.messages or req.prompt)
         cap_max_tokens(req, prepared.sampling, self.limits)
+        reservation = await current_call.get().budget.reserve(prompt + req.n * prepared.sampling.max_tokens, prompt)
         if req.n == 1:
-            return [prepared]
+            return [prepared], reservation
         seed = prepared.sampling.seed
         return [
             replace(prepared, request_id=f"{prepared.request_id}-{i}",
                     sampling=replace(prepared.sampling, seed=None if seed is None else seed + i))
             for i in range(req.n)
-        ]
+        ], reservation
 
-    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prepared: PreparedRequest, reservation: Reservation) -> AsyncIterator[RequestOutput]:
         stream = self.models.handle(prepared.model).options(stream=True).generate.remote(prepared)
         out = None
         try:
@@ -72,22 +75,29 @@ class Pipeline:
                 yield out
         finally:
             stream.cancel()  # no-op once finished; frees the engine slot if the client went away
-            current_call.get().charge(out.num_output_tokens if out else 0)
+            reservation.use(out.num_output_tokens if out else 0)
 
     async def complete(self, req: GenerateRequest) -> list[RequestOutput]:
         """Every choice's whole output, in choice order."""
         async with bounded():  # the call's deadline; Ray's failures become 503s
-            prepared = await self.prepare(req)
-            return list(await asyncio.gather(*(self._collect(p) for p in prepared)))
+            prepared, reservation = await self.prepare(req)
+            try:
+                return list(await asyncio.gather(*(self._collect(p, reservation) for p in prepared)))
+            finally:
+                reservation.settle()
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every choice's deltas as they arrive, tagged with the choice index. The first item is
         awaited before this returns, so errors before the first token still get a status code."""
         async with bounded():
-            prepared = await self.prepare(req)
-            merged = interleave([self.generate(p) for p in prepared])
-            first = await anext(merged)
-        return _prepend(first, bounded_iter(merged))
+            prepared, reservation = await self.prepare(req)
+            merged = interleave([self.generate(p, reservation) for p in prepared])
+            try:
+                first = await anext(merged)
+            except BaseException:
+                reservation.settle()
+                raise
+        return _prepend(first, bounded_iter(merged), reservation)
 
     async def tokenize(self, req: GenerateRequest) -> tuple[list[int], int]:
         """(prompt token ids, the model's context window)."""
@@ -117,20 +127,21 @@ class Pipeline:
     async def max_model_len(self, model: str) -> int:
         return await self.tokenizer.max_model_len.remote(self.models.resolve(model))
 
-    async def _collect(self, prepared: PreparedRequest) -> RequestOutput:
+    async def _collect(self, prepared: PreparedRequest, reservation: Reservation) -> RequestOutput:
         result = None
-        async for out in self.generate(prepared):
+        async for out in self.generate(prepared, reservation):
             result = out if result is None else result.merge(out)
         return result
 
 
-async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+async def _prepend(first, rest: AsyncIterator, reservation: Reservation) -> AsyncIterator:
     try:
         yield first
         async for item in rest:
             yield item
     finally:
         await rest.aclose()
+        reservation.settle()
 
 
 async def interleave(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:

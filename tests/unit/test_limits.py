@@ -9,7 +9,7 @@ import pytest
 from app.api.errors import ConduitError
 from app.auth import KeyStore, check_exposure, presented_key
 from app.config import AuthConfig, ConfigError, RateLimitConfig
-from app.limits import WINDOW_S, RateLimiter, WindowCounts
+from app.limits import WINDOW_S, Ask, RateLimiter, WindowCounts
 
 
 class Clock:
@@ -21,7 +21,8 @@ class Clock:
 
 
 def limiters(n: int, clock: Clock, **limits) -> tuple[list[RateLimiter], list[int]]:
-    """`n` replicas' limiters sharing one counter; also returns the list of counter calls made."""
+    """`n` replicas' limiters sharing one counter, on `clock` (their waits advance it); also returns
+    the list of counter calls made."""
     counts = WindowCounts(clock)
     calls: list[int] = []
 
@@ -29,7 +30,11 @@ def limiters(n: int, clock: Clock, **limits) -> tuple[list[RateLimiter], list[in
         calls.append(1)
         return counts.take(*args)
 
-    return [RateLimiter(RateLimitConfig(**limits), take, clock) for _ in range(n)], calls
+    async def sleep(seconds: float) -> None:
+        clock.now += seconds
+        await asyncio.sleep(0)
+
+    return [RateLimiter(RateLimitConfig(**limits), take, clock, sleep) for _ in range(n)], calls
 
 
 async def admitted(limiter: RateLimiter, key: str) -> bool:
@@ -92,8 +97,8 @@ def test_tokens_per_minute_and_headers():
         (a, b), _ = limiters(2, clock, tokens_per_minute=100)
         headers = await a.admit("k")
         a.charge("k", 120)
-        await a._sync("k", a.keys["k"], 0)  # the background report, made now
-        await b._sync("k", b._view("k"), 0)
+        await a._sync("k", a.keys["k"], Ask())  # the background report, made now
+        await b._sync("k", b._view("k"), Ask())
         with pytest.raises(ConduitError) as refused:
             await b.admit("k")
         return headers, refused.value
