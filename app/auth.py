@@ -15,7 +15,13 @@ from app.api.errors import ConduitError
 from app.config import PROJECT_ROOT, AuthConfig, ConfigError
 
 KEY_HEADERS = ("authorization", "x-api-key", "api-key")  # OpenAI / Anthropic / Azure clients
-PROBE_PATHS = ("/health", "/metrics")  # GET/HEAD only; open unless auth.protect_health
+HEALTH_PATH, METRICS_PATH = "/health", "/metrics"  # probe paths (with health_paths()): GET/HEAD only
+
+
+def health_paths() -> frozenset[str]:
+    """The liveness routes: /health, and Vertex AI's probe route where AIP_HEALTH_ROUTE names another
+    (app/api/vertex.py serves it there; Vertex sets the variable in the container)."""
+    return frozenset({HEALTH_PATH, os.environ.get("AIP_HEALTH_ROUTE") or HEALTH_PATH})
 
 
 def digest(key: str) -> bytes:
@@ -137,4 +143,4 @@ def describe(auth: AuthConfig, store: KeyStore) -> str:
     sources = [f"env {auth.api_keys_env}" if auth.api_keys_env else "", auth.api_keys_file or ""]
     health = "need a key" if auth.protect_health else "are open"
     return (f"auth ON: {len(store.digests)} API key(s) from {', '.join(s for s in sources if s)}; "
-            f"/health and /metrics {health}")
+            f"{', '.join(sorted(health_paths() | {METRICS_PATH}))} {health}")

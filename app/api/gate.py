@@ -13,7 +13,8 @@ from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import ConduitError, invalid, unavailable
-from app.auth import PROBE_PATHS, KeyStore, check_exposure, describe, missing_or_wrong, presented_key, proxy_host
+from app.auth import (METRICS_PATH, KeyStore, check_exposure, describe, health_paths, missing_or_wrong,
+                      presented_key, proxy_host)
 from app.config import AppConfig
 from app.limits import Call, RateLimiter, counter_actor, current_call
 
@@ -30,6 +31,7 @@ def route_path(request: Request) -> str:
 class Gate:
     def __init__(self, config: AppConfig, keys: KeyStore | None, limiter: RateLimiter | None):
         self.config, self.keys, self.limiter = config, keys, limiter
+        self.probe_paths = health_paths() | {METRICS_PATH}
 
     @classmethod
     def from_config(cls, config: AppConfig) -> Gate:
@@ -47,7 +49,7 @@ class Gate:
         """The caller's key id (ANONYMOUS when no keys are configured), or None on an open path;
         raises 405 (a probe path called with a method that sends a body) or 401."""
         path = route_path(request)
-        if path in PROBE_PATHS:
+        if path in self.probe_paths:
             if request.method not in ("GET", "HEAD"):
                 raise ConduitError(f"{path} answers GET and HEAD only, not {request.method}", 405,
                                    code="method_not_allowed", headers={"allow": "GET, HEAD"})

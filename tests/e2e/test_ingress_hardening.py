@@ -9,10 +9,12 @@ import secrets
 import time
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from openai import AsyncOpenAI
 from ray import serve
 
+from tests.e2e.conftest import VERTEX_ENV
 from tests.e2e.variants import deploy, model_args
 
 pytestmark = pytest.mark.e2e
@@ -114,3 +116,11 @@ def test_slow_bodies_do_not_tie_up_the_ingress(hardened):
     assert served_after_s < min(c.answered_after_s for c in keyed_calls), "the real call waited for a slot"
     # the proxy in front drops each refused connection instead of reading on a body nobody wants
     assert all(c.closed for c in calls)
+
+
+def test_vertex_health_route_is_open_like_health(hardened):
+    route = VERTEX_ENV["AIP_HEALTH_ROUTE"]  # the session's ingress replicas run with it set
+    assert httpx.get(f"{hardened}/v1/models").status_code == 401  # keys are on
+    assert httpx.get(f"{hardened}{route}").status_code == 200
+    post = httpx.post(f"{hardened}{route}", json={})
+    assert post.status_code == 405 and post.json()["error"]["code"] == 405  # Vertex's error shape

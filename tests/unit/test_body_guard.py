@@ -62,4 +62,5 @@ def test_a_body_read_whole_keeps_the_connection():
 
 def test_a_body_past_the_size_limit_closes_too():
     start, body, _ = call(guarded(5), [b"x" * 600, b"x" * 600], stall=True)
-    assert start["status"] == 413 and (b"connection", b"close") in start["headers"]
+    assert start["status"] == 413 and body["error"]["code"] == "request_too_large"
+    assert (b"connection", b"close") in start["headers"]

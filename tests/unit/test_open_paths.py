@@ -1,0 +1,35 @@
+"""Which paths the Gate serves without a key: /health and Vertex's configured health route (unless
+auth.protect_health), GET/HEAD only."""
+
+import hashlib
+
+import pytest
+
+from app.api.errors import ConduitError
+from app.api.gate import Gate
+from app.auth import KeyStore
+from app.config import parse_app_config
+from tests.unit.test_limits import http_request
+
+VERTEX_HEALTH = "/v1/projects/p/locations/l/endpoints/e/health"
+
+
+def keyed_gate(**auth) -> Gate:
+    config = parse_app_config({"models": [{"name": "m", "source": "x"}], "auth": {"api_keys_env": "K", **auth}})
+    return Gate(config, KeyStore([hashlib.sha256(b"good").digest()]), None)
+
+
+def test_vertex_health_route_is_a_health_path(monkeypatch):
+    monkeypatch.setenv("AIP_HEALTH_ROUTE", VERTEX_HEALTH)
+    gate = keyed_gate()
+    assert gate.authenticate(http_request(VERTEX_HEALTH, {}, "GET", root_path="/app")) is None
+    with pytest.raises(ConduitError) as e:
+        gate.authenticate(http_request(VERTEX_HEALTH, {}, "POST"))
+    assert e.value.status == 405
+    with pytest.raises(ConduitError) as e:
+        keyed_gate(protect_health=True).authenticate(http_request(VERTEX_HEALTH, {}, "GET"))
+    assert e.value.status == 401
+    monkeypatch.delenv("AIP_HEALTH_ROUTE")
+    with pytest.raises(ConduitError) as e:  # not a probe path where Vertex's route is not configured
+        keyed_gate().authenticate(http_request(VERTEX_HEALTH, {}, "GET"))
+    assert e.value.status == 401
