@@ -66,11 +66,15 @@ class Reservation:
 
 @dataclass
 class Budget:
-    """One admitted key's limits, for what a call draws beyond its admission: tokens reserved
-    before generating. No limiter: no limits."""
+    """One admitted key's limits, for what a call draws beyond its admission: more request units (a
+    Vertex predict call's instances) and tokens reserved before generating. No limiter: no limits."""
 
     limiter: RateLimiter | None = None
     key: str = ""
+
+    async def take_requests(self, count: int) -> None:
+        if self.limiter is not None and count > 0:
+            await self.limiter.take_requests(self.key, count)
 
     async def reserve(self, tokens: int, used: int) -> Reservation:
         """Hold `tokens` (429 when they do not fit), of which `used` are spent already (the prompt)."""
@@ -196,6 +200,12 @@ class RateLimiter:
         self._sync_in_background(key, view, by_call=True)
         return self.headers(view)
 
+    async def take_requests(self, key: str, count: int) -> None:
+        """Count `count` more requests for `key`, all or none (429)."""
+        if self.rpm:
+            await self._take_requests(key, self._view(key), count)
+            self._sync_in_background(key, self._view(key), by_call=True)
+
     async def reserve(self, key: str, tokens: int, used: int) -> Reservation:
         """Hold `tokens` of the key's tokens per minute until the call settles; a 429 when they do not fit."""
         if not self.tpm:
@@ -271,7 +281,7 @@ class RateLimiter:
             await self._sync(key, view, Ask(requests=count - view.leased_requests,
                                             extra_requests=self.request_batch if far else 0))
         if view.leased_requests < count:
-            raise self._over_limit(view, "requests", self.rpm)
+            raise self._over_limit(view, "requests", self.rpm, f": {count} more needed" if count > 1 else "")
         view.leased_requests -= count
 
     async def _lease_tokens(self, key: str, view: KeyView, need: int) -> bool:

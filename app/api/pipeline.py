@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 
 import numpy as np
@@ -78,13 +78,20 @@ class Pipeline:
             reservation.use(out.num_output_tokens if out else 0)
 
     async def complete(self, req: GenerateRequest) -> list[RequestOutput]:
-        """Every choice's whole output, in choice order."""
+        """Every choice's whole output, in choice order; the first failure cancels the other choices."""
         async with bounded():  # the call's deadline; Ray's failures become 503s
             prepared, reservation = await self.prepare(req)
             try:
-                return list(await asyncio.gather(*(self._collect(p, reservation) for p in prepared)))
+                return await run_all([self._collect(p, reservation) for p in prepared])
             finally:
                 reservation.settle()
+
+    async def complete_each(self, reqs: list[GenerateRequest]) -> list[RequestOutput]:
+        """Several requests in one call (Vertex's instances): each counts as a request against the
+        key's requests per minute (its admission counted one) and reserves its own tokens; the first
+        failure cancels the others. One output each (n is 1), in order."""
+        await current_call.get().budget.take_requests(len(reqs) - 1)
+        return [out for (out,) in await run_all([self.complete(req) for req in reqs])]
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every choice's deltas as they arrive, tagged with the choice index. The first item is
@@ -142,6 +149,17 @@ async def _prepend(first, rest: AsyncIterator, reservation: Reservation) -> Asyn
     finally:
         await rest.aclose()
         reservation.settle()
+
+
+async def run_all(coroutines: list[Coroutine]) -> list:
+    """Each coroutine's result, in order. The first failure cancels the others (their engine
+    sequences are aborted) and is raised as it is, not in an ExceptionGroup."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coroutines]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 async def interleave(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -13,7 +13,6 @@ set where Ray runs (Vertex sets them in the container; `conduit run` passes its 
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Annotated, Literal
 
@@ -28,7 +27,6 @@ from app.api.protocol import GenerateRequest
 from app.engine.engine import RequestOutput
 
 DEFAULT_PREDICT_ROUTE = "/predict"
-MAX_INSTANCES = 64
 # HTTP status -> google.rpc.Code name, the `status` of a Google API error
 RPC_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
               408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
@@ -67,8 +65,15 @@ Instance.model_rebuild(_types_namespace={"StreamOptions": StreamOptions})  # an 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    instances: list[dict] = Field(min_length=1, max_length=MAX_INSTANCES)
+    instances: list[dict] = Field(min_length=1)  # at most ingress.input_limits.max_n: see check_instance_count
     parameters: dict = {}
+
+
+def check_instance_count(count: int, max_n: int) -> None:
+    """Each instance is one engine sequence: together they may not ask for more than n may."""
+    if count > max_n:
+        raise ConduitError(f"Invalid value for 'instances': at most {max_n} instances per request (this "
+                           f"server's ingress.input_limits.max_n); got {count}", 400, param="instances")
 
 
 def parse_instance(index: int, instance: dict, parameters: dict) -> Instance:
@@ -105,11 +110,12 @@ def routes(pipeline: Pipeline):
 
     async def predict(request: Request, body: PredictRequest):
         rid = request_id(request)
+        check_instance_count(len(body.instances), pipeline.limits.max_n)
         instances = [parse_instance(i, inst, body.parameters) for i, inst in enumerate(body.instances)]
         requests = [inst.to_internal(f"{rid}-{i}", default_model) for i, inst in enumerate(instances)]
-        results = await asyncio.gather(*(pipeline.complete(req) for req in requests))
+        outputs = await pipeline.complete_each(requests)
         return {"predictions": [prediction(inst, out, f"chatcmpl-{req.request_id}", req.model)
-                                for inst, req, (out,) in zip(instances, requests, results)]}
+                                for inst, req, out in zip(instances, requests, outputs)]}
 
     async def health():  # 200 once this ingress replica serves (Serve routes to it only then)
         return {"status": "ok"}

@@ -1,5 +1,9 @@
 """The Vertex AI custom-container contract: over HTTP with the documented shapes, and through the
-official `google-cloud-aiplatform` prediction client (REST transport pointed at the local server)."""
+official `google-cloud-aiplatform` prediction client (REST transport pointed at the local server).
+Instances are bounded like choices (max_n) and fail together: one failure or a dropped client
+aborts every instance's engine sequence. Their rate limits: tests/e2e/test_token_budget.py."""
+
+import time
 
 import httpx
 import pytest
@@ -10,6 +14,7 @@ from google.cloud import aiplatform_v1
 from google.protobuf import json_format
 
 from tests.e2e.conftest import MODEL, SECOND_MODEL, VERTEX_ENV
+from tests.e2e.variants import call_deployment
 
 pytestmark = pytest.mark.e2e
 PREDICT = VERTEX_ENV["AIP_PREDICT_ROUTE"]
@@ -92,3 +97,37 @@ def test_aiplatform_client_predict(prediction_client, client):
 def test_aiplatform_client_error(prediction_client):
     with pytest.raises(google_exceptions.BadRequest, match="instances\\[0\\].max_tokens"):
         prediction_client.predict(endpoint=ENDPOINT, instances=[{"prompt": PROMPT, "max_tokens": 0}])
+
+
+def test_instances_count_against_max_n(server):
+    res = predict(server, {"instances": [{"prompt": PROMPT}] * 17, "parameters": {"max_tokens": 1}})
+    assert res.status_code == 400, res.text
+    assert "instances" in res.json()["error"]["message"] and "max_n" in res.json()["error"]["message"]
+
+
+LONG_INSTANCE = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}  # seconds of work when left alone
+
+
+def wait_engine_idle(within_s: float) -> dict:
+    """The default model replica's engine stats once it runs no sequence; fails after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        stats = call_deployment("conduit", f"Model-{MODEL}", "stats")
+        if stats["num_running"] == stats["num_waiting"] == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
+
+
+def test_a_failed_instance_cancels_its_siblings(server):
+    too_long = {"prompt": "alpha " * 600}  # past the context window: a 400 from the tokenizer
+    res = predict(server, {"instances": [LONG_INSTANCE] * 3 + [too_long]})
+    assert res.status_code == 400 and "maximum context length" in res.json()["error"]["message"], res.text
+    stats = wait_engine_idle(1.5)
+    assert stats["num_running"] == stats["num_waiting"] == 0, stats
+
+
+def test_a_dropped_client_cancels_every_instance(server):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + PREDICT, json={"instances": [LONG_INSTANCE] * 3}, timeout=1.0)
+    stats = wait_engine_idle(2.0)
+    assert stats["num_running"] == stats["num_waiting"] == 0, stats

@@ -1,6 +1,6 @@
-"""What a key's refusal costs (nothing from the shared counter until its window resets), and tokens
-reserved before generating and settled after; replicas' limiters over one counter, as in
-test_limits.py, without Ray."""
+"""What a key's refusal costs (nothing from the shared counter until its window resets), tokens
+reserved before generating and settled after, and calls that count as several requests; replicas'
+limiters over one counter, as in test_limits.py, without Ray."""
 
 import asyncio
 
@@ -118,6 +118,22 @@ def test_far_from_the_limit_reservations_do_not_wait_for_the_counter():
     assert asyncio.run(run()) <= 6
 
 
+def test_a_call_that_counts_as_several_requests_takes_them_all_or_none():
+    clock = Clock(WINDOW_START + 5)
+
+    async def run():
+        (a,), _ = limiters(1, clock, requests_per_minute=10)
+        await a.admit("k")
+        budget = Budget(a, "k")
+        await budget.take_requests(5)
+        e = await refused(budget.take_requests(5))  # 4 left
+        assert "5 more needed" in e.message and e.headers["x-ratelimit-remaining-requests"] == "4"
+        await budget.take_requests(4)
+        assert not await admitted(a, "k")
+
+    asyncio.run(run())
+
+
 def test_admission_hands_the_key_budget_to_the_call():
     async def run():
         (a,), _ = limiters(1, Clock(), tokens_per_minute=100)
@@ -133,6 +149,7 @@ def test_admission_hands_the_key_budget_to_the_call():
 def test_without_limits_reservations_hold_nothing():
     async def run():
         reservation = await Budget().reserve(10**9, used=5)
+        await Budget().take_requests(10**6)
         reservation.settle()
         (requests_only,), calls = limiters(1, Clock(), requests_per_minute=5)
         assert (await requests_only.reserve("k", 10**9, used=5)).held == 0 and not calls
