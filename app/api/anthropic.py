@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from app.api.bounds import Count, PositiveCount, real
 from app.api import tools
 from app.api.errors import ConduitError, invalid, stream_failure
 from app.api.openai_extras import FunctionName, check
@@ -223,11 +224,11 @@ class _MessagesInput(_Strict):
 
 
 class MessagesRequest(_MessagesInput):
-    max_tokens: Annotated[int, Field(gt=0)]
+    max_tokens: PositiveCount
     stop_sequences: list[Annotated[str, Field(min_length=1)]] = []  # count capped by ingress.input_limits
-    temperature: Annotated[float, Field(ge=0, le=1)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0
+    temperature: real(ge=0, le=1) = 1.0
+    top_p: real(gt=0, le=1) = 1.0
+    top_k: Count = 0
     metadata: Metadata | None = None
     output_config: OutputConfig | None = None
     stream: bool = False

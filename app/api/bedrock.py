@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.api.bounds import PositiveCount, real
 from app.api import eventstream
 from app.api.errors import ConduitError, stream_failure
 from app.api.pipeline import Pipeline
@@ -72,9 +73,9 @@ class SystemBlock(_Strict):
 
 
 class InferenceConfig(_Strict):
-    maxTokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=1)] | None = None
-    topP: Annotated[float, Field(gt=0, le=1)] | None = None
+    maxTokens: PositiveCount | None = None
+    temperature: real(ge=0, le=1) | None = None
+    topP: real(gt=0, le=1) | None = None
     stopSequences: list[Annotated[str, Field(min_length=1)]] = []  # count capped by ingress.input_limits
 
 

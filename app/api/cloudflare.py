@@ -14,8 +14,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from app.api.bounds import PositiveCount, real, zero_or_usable_penalty
 from app.api.errors import ConduitError, stream_failure
 from app.api.openai import SSE_DONE, sse
 from app.api.pipeline import Pipeline
@@ -43,14 +44,16 @@ class RunRequest(BaseModel):
     prompt: Annotated[str, Field(min_length=1)] | None = None
     messages: Annotated[list[Message], Field(min_length=1)] | None = None
     raw: bool = False  # prompt only: no chat template
-    max_tokens: Annotated[int, Field(gt=0)] = 256
-    temperature: Annotated[float, Field(ge=0, le=5)] = 0.6
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    max_tokens: PositiveCount = 256
+    temperature: real(ge=0, le=5) = 0.6
+    top_p: real(gt=0, le=1) | None = None
     top_k: Annotated[int, Field(ge=1, le=50)] | None = None
     seed: Annotated[int, Field(ge=1, le=9999999999)] | None = None
-    repetition_penalty: Annotated[float, Field(ge=0, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    # Workers AI documents [0, 2]; 0 reads as "unset" (1.0), and what lies between is bounded below
+    repetition_penalty: Annotated[float, Field(allow_inf_nan=False, le=2),
+                                  AfterValidator(zero_or_usable_penalty)] | None = None
+    frequency_penalty: real(ge=-2, le=2) | None = None
+    presence_penalty: real(ge=-2, le=2) | None = None
     ignore_eos: bool = False
     stream: bool = False
 

@@ -14,6 +14,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.bounds import PositiveCount
 from app.api.openai import error_body
 from app.api.pipeline import Pipeline
 
@@ -26,7 +27,7 @@ class EmbeddingRequest(BaseModel):
     model: str = Field(min_length=1)
     input: str | list[str] | TokenIds | list[TokenIds]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, Field(gt=0)] | None = None
+    dimensions: PositiveCount | None = None
     user: str | None = None
 
     def inputs(self) -> list[str] | list[list[int]]:

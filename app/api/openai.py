@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.api.bounds import MIN_REPETITION_PENALTY, Count, PositiveCount, Seed, real
 from app.api import tools
 from app.api.errors import ConduitError, invalid, stream_failure
 from app.api.openai_extras import (
@@ -27,23 +28,23 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
-    max_tokens: Annotated[int, Field(gt=0)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1)] = 1  # caps on n, stop, ...: ingress.input_limits, in the Pipeline
+    max_tokens: PositiveCount | None = None
+    temperature: real(ge=0, le=2) | None = None
+    top_p: real(gt=0, le=1) | None = None
+    n: PositiveCount = 1  # caps on n, stop, ...: ingress.input_limits, in the Pipeline
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    seed: Seed | None = None
+    presence_penalty: real(ge=-2, le=2) = 0.0
+    frequency_penalty: real(ge=-2, le=2) = 0.0
     user: str | None = None
     # extensions (vLLM's names), for benchmarks and fine control
-    top_k: Annotated[int, Field(ge=-1)] = 0
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
+    top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] = 0
+    min_p: real(ge=0, le=1) = 0.0
+    repetition_penalty: real(ge=MIN_REPETITION_PENALTY, le=10) = 1.0
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Count = 0
 
     def sampling(self, max_tokens: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -110,9 +111,9 @@ class TextPart(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+    max_completion_tokens: PositiveCount | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0)] | None = None  # cap: ingress.input_limits
+    top_logprobs: Count | None = None  # cap: ingress.input_limits
     response_format: ResponseFormat | None = None
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
@@ -163,8 +164,8 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=1)]
-    max_tokens: Annotated[int, Field(gt=0)] | None = 16  # OpenAI's default for completions
-    logprobs: Annotated[int, Field(ge=0)] | None = None  # cap: ingress.input_limits
+    max_tokens: PositiveCount | None = 16  # OpenAI's default for completions
+    logprobs: Count | None = None  # cap: ingress.input_limits
     echo: bool = False
     suffix: str | None = None  # fill-in-the-middle (needs a model with FIM tokens)
 

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.api.bounds import INT64_MAX, MIN_REPETITION_PENALTY, PositiveCount, real
 from app.api.errors import ConduitError, invalid, stream_failure
 from app.api.openai import sse
 from app.api.pipeline import Pipeline
@@ -61,14 +62,14 @@ class Grammar(BaseModel):
 class Parameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: Annotated[int, Field(gt=0)] | None = DEFAULT_MAX_NEW_TOKENS
-    temperature: Annotated[float, Field(gt=0)] | None = None
-    top_p: Annotated[float, Field(gt=0, lt=1)] | None = None
-    top_k: Annotated[int, Field(gt=0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    max_new_tokens: PositiveCount | None = DEFAULT_MAX_NEW_TOKENS
+    temperature: real(gt=0, le=100) | None = None
+    top_p: real(gt=0, lt=1) | None = None
+    top_k: PositiveCount | None = None
+    repetition_penalty: real(ge=MIN_REPETITION_PENALTY, le=100) | None = None
+    frequency_penalty: real(ge=-2, le=2) | None = None
     stop: Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] = []
-    seed: Annotated[int, Field(ge=0)] | None = None
+    seed: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
     do_sample: bool = False
     details: bool = False
     decoder_input_details: bool = False  # the prompt's tokens and log-probs in `details.prefill`

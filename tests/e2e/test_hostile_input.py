@@ -11,8 +11,9 @@ import json
 
 import httpx
 import pytest
+import ray
 
-from tests.e2e.conftest import EMBEDDING_MODEL, SECOND_MODEL
+from tests.e2e.conftest import EMBEDDING_MODEL, MODEL, SECOND_MODEL, VERTEX_ENV
 
 pytestmark = pytest.mark.e2e
 DEPTH = 10_000
@@ -147,3 +148,104 @@ def test_hostile_field_value_is_never_a_server_error(server, post_routes, kind):
     results = asyncio.run(post_all(server, requests))
     bad = [f"{status} {label}" for label, status in results if not 200 <= status < 500]
     assert not bad, "\n".join(bad)
+
+
+# --- one request must never stop a replica -------------------------------------------------------------
+TINY = 1e-300  # 0 in float32: the review's trigger for NaN probabilities
+# (label, path, body, expected status, the field a 400 must name) through every wire format
+ENGINE_TRIGGERS = [
+    ("openai chat temperature", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": TINY}, 200, None),
+    ("openai chat repetition_penalty", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0.7,
+      "repetition_penalty": TINY}, 400, "repetition_penalty"),
+    ("openai chat seed", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "seed": 2**64}, 400, "seed"),
+    ("openai completion echo logprobs", "/v1/completions",
+     {"model": MODEL, "prompt": "hi there", "max_tokens": 4, "temperature": TINY, "echo": True, "logprobs": 2}, 200, None),
+    ("openai completion seed", "/v1/completions",
+     {"model": MODEL, "prompt": "hi", "max_tokens": 4, "seed": -(2**63) - 1}, 400, "seed"),
+    ("anthropic temperature", "/v1/messages",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": TINY}, 200, None),
+    ("bedrock temperature", f"/model/{MODEL}/converse",
+     {"messages": [{"role": "user", "content": [{"text": "hi"}]}], "inferenceConfig": {"maxTokens": 4, "temperature": TINY}},
+     200, None),
+    ("azure seed", f"/openai/deployments/{MODEL}/chat/completions?api-version=2024-10-21",
+     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "seed": 2**64}, 400, "seed"),
+    ("tgi temperature", "/generate",
+     {"inputs": "hi", "parameters": {"max_new_tokens": 4, "temperature": TINY}}, 200, None),
+    ("tgi repetition_penalty", "/generate",
+     {"inputs": "hi", "parameters": {"max_new_tokens": 4, "do_sample": True, "repetition_penalty": TINY}},
+     422, "repetition_penalty"),  # TGI answers validation errors with 422
+    ("tgi seed", "/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 4, "seed": 2**64}}, 422, "seed"),
+    ("cloudflare temperature", f"/client/v4/accounts/acc/ai/run/{MODEL}",
+     {"prompt": "hi", "max_tokens": 4, "temperature": TINY}, 200, None),
+    ("cloudflare repetition_penalty", f"/client/v4/accounts/acc/ai/run/{MODEL}",
+     {"prompt": "hi", "max_tokens": 4, "repetition_penalty": TINY}, 400, "repetition_penalty"),
+    ("vertex temperature", VERTEX_ENV["AIP_PREDICT_ROUTE"],
+     {"instances": [{"prompt": "hi", "max_tokens": 4, "temperature": TINY}]}, 200, None),
+    ("vertex seed", VERTEX_ENV["AIP_PREDICT_ROUTE"],
+     {"instances": [{"prompt": "hi", "max_tokens": 4, "seed": 2**64}]}, 400, "seed"),
+]
+
+
+def model_replicas() -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::conduit#Model-{MODEL}#")}
+
+
+def greedy_chat(prompt: str, stream: bool) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 48,
+            "temperature": 0, "ignore_eos": True, "stream": stream}
+
+
+async def stream_text(http: httpx.AsyncClient, body: dict, headers: dict | None = None) -> str:
+    text = ""
+    async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers or {}) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                payload = json.loads(line[6:])
+                assert "error" not in payload, payload
+                text += payload["choices"][0]["delta"].get("content") or ""
+    return text
+
+
+def test_engine_triggers_fail_only_their_request(server):
+    """Each trigger, through each wire format, while 8 greedy streams run on the same replica: the
+    trigger gets its answer (a 400 naming the field, or a 200 where the value is valid), the 8 finish
+    with their own greedy output, and the model replica is the same one (never restarted)."""
+    prompts = [f"stream {i} of eight" for i in range(8)]
+    replicas = model_replicas()
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server, timeout=120) as http:
+            alone = [(await http.post("/v1/chat/completions", json=greedy_chat(p, False))).json()
+                     ["choices"][0]["message"]["content"] for p in prompts]
+            streams = [asyncio.create_task(stream_text(http, greedy_chat(p, True))) for p in prompts]
+            await asyncio.sleep(0.3)  # the streams are decoding
+            answers = [await http.post(path, json=body) for _, path, body, _, _ in ENGINE_TRIGGERS]
+            return alone, await asyncio.gather(*streams), answers
+
+    alone, streamed, answers = asyncio.run(run())
+    wrong = [f"{label}: {r.status_code} {r.text[:300]}" for (label, _, _, status, field), r in zip(ENGINE_TRIGGERS, answers)
+             if r.status_code != status or (field and field not in r.text)]
+    assert not wrong, "\n".join(wrong)
+    assert streamed == alone, "a stream running beside the triggers changed or ended"
+    assert model_replicas() == replicas, "the model replica was restarted"
+
+
+def test_shared_request_id_never_merges_outputs(server):
+    """8 concurrent requests that all send `x-request-id: abc`: each gets exactly its own greedy output
+    (the engine keys requests by ids of its own; the client's is echoed and logged only)."""
+    prompts = [f"request id {i} shared" for i in range(8)]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server, timeout=120) as http:
+            alone = [await stream_text(http, greedy_chat(p, True)) for p in prompts]
+            shared = await asyncio.gather(*(stream_text(http, greedy_chat(p, True), {"x-request-id": "abc"})
+                                            for p in prompts))
+            return alone, shared
+
+    alone, shared = asyncio.run(run())
+    assert shared == alone
