@@ -15,8 +15,8 @@ from app.api.errors import ConduitError, unavailable
 from app.api.protocol import PreparedRequest
 from app.config import ModelConfig
 from app.engine.async_engine import AsyncEngine, EngineDeadError
-from app.engine.errors import RequestRejected
 from app.engine.engine import LLMEngine, RequestOutput
+from app.engine.errors import RequestRejected
 from app.loading import load_replica_model, load_tokenizer, pick_device, resolved_engine_config
 from app.metrics import LoadProgress, ModelMetrics
 

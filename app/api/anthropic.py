@@ -11,8 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from app.api.bounds import Count, PositiveCount, real
 from app.api import tools
+from app.api.bounds import Count, PositiveCount, real
 from app.api.errors import ConduitError, invalid, stream_failure
 from app.api.openai_extras import FunctionName, check
 from app.api.pipeline import Pipeline

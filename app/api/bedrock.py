@@ -18,8 +18,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.bounds import PositiveCount, real
 from app.api import eventstream
+from app.api.bounds import PositiveCount, real
 from app.api.errors import ConduitError, stream_failure
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest

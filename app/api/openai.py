@@ -11,8 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api.bounds import MIN_REPETITION_PENALTY, Count, PositiveCount, Seed, real
 from app.api import tools
+from app.api.bounds import MIN_REPETITION_PENALTY, Count, PositiveCount, Seed, real
 from app.api.errors import ConduitError, invalid, stream_failure
 from app.api.openai_extras import (
     ChatTool, MessageToolCall, ResponseFormat, ToolChoice, chat_logprobs, completion_logprobs, tool_call_json,
