@@ -18,7 +18,7 @@ from ray import serve
 
 from app.api.errors import invalid
 from app.config import EmbeddingModelConfig
-from app.loading import load_tokenizer, pick_device
+from app.loading import load_tokenizer, model_source, pick_device
 
 log = logging.getLogger("ray.serve")
 
@@ -40,7 +40,7 @@ class Embedder:
         self.device = pick_device(config)
         self.tokenizer = load_tokenizer(config)
         self.model = AutoModel.from_pretrained(
-            config.resolved_source, dtype=torch.float32, trust_remote_code=config.trust_remote_code
+            model_source(config), dtype=torch.float32, trust_remote_code=config.trust_remote_code
         ).to(self.device).eval()
         self.pooling = config.pooling
         self.prefix, self.suffix = special_frame(self.tokenizer)
@@ -128,7 +128,7 @@ def input_token_limit(config: EmbeddingModelConfig, tokenizer, model_config) -> 
         if config.max_input_tokens > positions:
             raise ValueError(f"max_input_tokens={config.max_input_tokens} exceeds the model's {positions} positions")
         return config.max_input_tokens
-    st_config = Path(config.resolved_source) / "sentence_bert_config.json"
+    st_config = Path(model_source(config)) / "sentence_bert_config.json"
     if st_config.exists():
         return min(positions, json.loads(st_config.read_text()).get("max_seq_length") or positions)
     return positions

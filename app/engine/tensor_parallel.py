@@ -29,6 +29,7 @@ import torch
 from app.config import ModelConfig
 from app.engine.model_runner import ModelRunner
 from app.engine.sequence import Sequence
+from app.loading import model_source
 
 
 def runner_view(seq: Sequence) -> Sequence:
@@ -71,7 +72,7 @@ class TensorParallelWorker:
         )
         dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if self.device == "cuda" else "float32")
         model = AutoModelForCausalLM.from_pretrained(
-            self.config.resolved_source,
+            model_source(self.config),
             dtype=getattr(torch, dtype),
             trust_remote_code=self.config.trust_remote_code,
             attn_implementation="sdpa",
