@@ -10,6 +10,7 @@ import hmac
 import ipaddress
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from app.api.errors import ConduitError
 from app.config import PROJECT_ROOT, AuthConfig, ConfigError
@@ -113,6 +114,16 @@ def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        return False
+
+
+def loopback_host(host_header: str | None) -> bool:
+    """Whether a Host header names this machine by a loopback name or address, with any port. A
+    keyless server accepts only these: a web page whose domain an attacker re-points at 127.0.0.1
+    (DNS rebinding) sends its own name as Host."""
+    try:
+        return is_loopback(urlsplit(f"//{host_header}").hostname or "")
+    except ValueError:  # not a host at all (e.g. an unclosed "[")
         return False
 
 

@@ -1,6 +1,6 @@
-"""Admission of one HTTP call, before any route runs, in this order: its API key (401; probe paths
-take GET/HEAD only, 405), the ingress replica's capacity (503), its key's rate limits (429) and its
-deadline. The result travels to the Pipeline in `app.limits.current_call`."""
+"""Admission of one HTTP call, before any route runs, in this order: its Host (421 unless loopback,
+when no keys are configured), its API key (401; probe paths take GET/HEAD only, 405), the ingress
+replica's capacity (503), its key's rate limits (429) and its deadline. The result travels to the Pipeline in `app.limits.current_call`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import ConduitError, invalid, unavailable
-from app.auth import (METRICS_PATH, KeyStore, check_exposure, describe, health_paths, missing_or_wrong,
-                      presented_key, proxy_host)
+from app.auth import (METRICS_PATH, KeyStore, check_exposure, describe, health_paths, loopback_host,
+                      missing_or_wrong, presented_key, proxy_host)
 from app.config import AppConfig
 from app.limits import Call, RateLimiter, counter_actor, current_call
 
@@ -32,6 +32,8 @@ class Gate:
     def __init__(self, config: AppConfig, keys: KeyStore | None, limiter: RateLimiter | None):
         self.config, self.keys, self.limiter = config, keys, limiter
         self.probe_paths = health_paths() | {METRICS_PATH}
+        # keyless and not behind an authenticating gateway: served on loopback only (check_exposure)
+        self.loopback_only = not (config.auth.enabled or config.auth.allow_unauthenticated)
 
     @classmethod
     def from_config(cls, config: AppConfig) -> Gate:
@@ -47,7 +49,12 @@ class Gate:
 
     def authenticate(self, request: Request) -> str | None:
         """The caller's key id (ANONYMOUS when no keys are configured), or None on an open path;
-        raises 405 (a probe path called with a method that sends a body) or 401."""
+        raises 421 (a keyless server called by another name than loopback's), 405 (a probe path called
+        with a method that sends a body) or 401."""
+        if self.loopback_only and not loopback_host(request.headers.get("host")):
+            raise ConduitError("This server has no API keys and answers only to a loopback Host "
+                               "(localhost, 127.0.0.1, [::1]); configure auth for other names", 421,
+                               code="misdirected_request")
         path = route_path(request)
         if path in self.probe_paths:
             if request.method not in ("GET", "HEAD"):

@@ -124,3 +124,18 @@ def test_vertex_health_route_is_open_like_health(hardened):
     assert httpx.get(f"{hardened}{route}").status_code == 200
     post = httpx.post(f"{hardened}{route}", json={})
     assert post.status_code == 405 and post.json()["error"]["code"] == 405  # Vertex's error shape
+
+
+def test_keyless_server_answers_loopback_hosts_only(server, hardened):
+    port = urlsplit(server).port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "127.0.0.2"):
+        assert httpx.get(f"{server}/v1/models", headers={"host": host}).status_code == 200, host
+    chat = {"model": "conduit-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example", "127.0.0.1.nip.io", ""):
+        for method, path in [("POST", "/v1/chat/completions"), ("GET", "/health"), ("GET", "/metrics")]:
+            r = httpx.request(method, f"{server}{path}", headers={"host": host}, json=chat)
+            assert r.status_code == 421 and r.json()["error"]["code"] == "misdirected_request", (host, path)
+    anthropic = httpx.post(f"{server}/v1/messages", headers={"host": "evil.example"}, json={})
+    assert anthropic.status_code == 421 and anthropic.json()["type"] == "error"  # Anthropic's shape
+    # with keys, the key protects the server: any Host is fine
+    assert httpx.get(f"{hardened}/v1/models", headers={"host": "conduit.example", "x-api-key": KEY}).status_code == 200

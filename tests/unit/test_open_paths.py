@@ -1,5 +1,5 @@
 """Which paths the Gate serves without a key: /health and Vertex's configured health route (unless
-auth.protect_health), GET/HEAD only."""
+auth.protect_health), GET/HEAD only; and the Host names a keyless server answers to."""
 
 import hashlib
 
@@ -33,3 +33,22 @@ def test_vertex_health_route_is_a_health_path(monkeypatch):
     with pytest.raises(ConduitError) as e:  # not a probe path where Vertex's route is not configured
         keyed_gate().authenticate(http_request(VERTEX_HEALTH, {}, "GET"))
     assert e.value.status == 401
+
+
+def test_keyless_gate_answers_loopback_hosts_only():
+    def gate(**auth) -> Gate:
+        return Gate(parse_app_config({"models": [{"name": "m", "source": "x"}], "auth": auth}), None, None)
+
+    for host in ("127.0.0.1:8000", "localhost", "LOCALHOST:8000", "[::1]:8000", "[::1]", "127.0.0.2"):
+        assert gate().authenticate(http_request("/v1/completions", {"host": host})) == "anonymous", host
+    for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io", "0.0.0.0",
+                 "[::1", ""):
+        for path in ("/v1/completions", "/health"):
+            with pytest.raises(ConduitError) as e:
+                gate().authenticate(http_request(path, {"host": host}))
+            assert e.value.status == 421 and e.value.code == "misdirected_request", host
+    with pytest.raises(ConduitError):
+        gate().authenticate(http_request("/health", {}))  # no Host at all
+    # behind a gateway that authenticates (allow_unauthenticated), or with keys: any name
+    assert gate(allow_unauthenticated=True).authenticate(http_request("/v1/completions", {"host": "a.example"}))
+    assert keyed_gate().authenticate(http_request("/v1/completions", {"host": "a.example", "x-api-key": "good"}))
