@@ -16,13 +16,25 @@ from app.api.errors import ConduitError
 from app.config import PROJECT_ROOT, AuthConfig, ConfigError
 
 KEY_HEADERS = ("authorization", "x-api-key", "api-key")  # OpenAI / Anthropic / Azure clients
-HEALTH_PATH, METRICS_PATH = "/health", "/metrics"  # probe paths (with health_paths()): GET/HEAD only
+HEALTH_PATH, METRICS_PATH = "/health", "/metrics"
 
 
 def health_paths() -> frozenset[str]:
     """The liveness routes: /health, and Vertex AI's probe route where AIP_HEALTH_ROUTE names another
     (app/api/vertex.py serves it there; Vertex sets the variable in the container)."""
     return frozenset({HEALTH_PATH, os.environ.get("AIP_HEALTH_ROUTE") or HEALTH_PATH})
+
+
+def probe_paths() -> frozenset[str]:
+    """The paths probes and scrapers call: GET/HEAD only."""
+    return health_paths() | {METRICS_PATH}
+
+
+def open_paths(auth: AuthConfig) -> frozenset[str]:
+    """The probe paths served without a key when keys are configured: the health paths unless
+    auth.protect_health; /metrics only with auth.open_metrics."""
+    return ((frozenset() if auth.protect_health else health_paths())
+            | (frozenset({METRICS_PATH}) if auth.open_metrics else frozenset()))
 
 
 def digest(key: str) -> bytes:
@@ -152,6 +164,6 @@ def describe(auth: AuthConfig, store: KeyStore) -> str:
         extra = " (auth.allow_unauthenticated: a gateway in front must authenticate)" if auth.allow_unauthenticated else ""
         return f"auth OFF: no API keys configured; serving loopback only{extra}"
     sources = [f"env {auth.api_keys_env}" if auth.api_keys_env else "", auth.api_keys_file or ""]
-    health = "need a key" if auth.protect_health else "are open"
+    open_without_key = ", ".join(sorted(open_paths(auth))) or "none"
     return (f"auth ON: {len(store.digests)} API key(s) from {', '.join(s for s in sources if s)}; "
-            f"{', '.join(sorted(health_paths() | {METRICS_PATH}))} {health}")
+            f"open without a key: {open_without_key}")

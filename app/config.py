@@ -213,7 +213,10 @@ class AuthConfig(Strict):
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="env var holding comma-separated API keys"
     )
     api_keys_file: str | None = Field(None, min_length=1, description="file of sha256 hex hashes of keys, one a line")
-    protect_health: bool = Field(False, description="/health and /metrics need a key too")
+    protect_health: bool = Field(False, description="/health (and Vertex's AIP_HEALTH_ROUTE) need a key too")
+    open_metrics: bool = Field(
+        False, description="/metrics without a key even when keys are configured (it shows the cluster's load)"
+    )
     allow_unauthenticated: bool = Field(
         False, description="serve a non-loopback host with no keys (only behind a gateway that authenticates)"
     )

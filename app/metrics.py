@@ -7,16 +7,17 @@ How they travel:
   does the same) and each node's Ray metrics agent exports it as `ray_vllm_prompt_tokens_total`.
   A cluster's Prometheus scrapes those agents and renames the series back
   (cluster/prometheus.yml: `ray_vllm_x` -> `vllm:x`, `ray_conduit_x` -> `conduit:x`).
-- `GET /metrics` on the ingress (`scrape_cluster`) reads the same agents of every alive node and
-  re-serves the Conduit, vLLM and Ray Serve families with those names restored, so one box needs no
-  Ray-specific set-up. Both paths show what Ray last exported: up to `metrics_report_interval_ms`
-  (Ray's default 10 s) behind.
+- `GET /metrics` on the ingress (`scrape_cluster`, shared by concurrent GETs through `SharedScrape`)
+  reads the same agents of every alive node and re-serves the Conduit, vLLM and Ray Serve families
+  with those names restored (and no node addresses), so one box needs no Ray-specific set-up. Both
+  paths show what Ray last exported: up to `metrics_report_interval_ms` (Ray's default 10 s) behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -264,9 +265,10 @@ class ModelMetrics:
 
 
 # re-serving: GET /metrics on the ingress ----------------------------------------------------------
-# labels Ray adds that say nothing about Conduit (WorkerId and NodeAddress stay: they keep two
-# processes' series apart)
-RAY_ONLY_LABELS = {"Component", "SessionName", "Version", "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
+# labels Ray adds that say nothing about Conduit (WorkerId stays: it keeps two processes' series
+# apart), and the ones holding a node's internal IP address, which /metrics must not show
+RAY_ONLY_LABELS = {"Component", "SessionName", "Version", "otel_scope_name", "otel_scope_schema_url", "otel_scope_version",
+                   "NodeAddress", "node_ip_address"}
 
 
 def published_name(ray_family: str) -> str | None:
@@ -343,4 +345,30 @@ async def scrape_cluster(timeout_s: float = 5.0) -> bytes:
 
     async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as client:
         exports = await asyncio.gather(*(fetch(client, url) for url in urls))
-    return render(list(exports))
+    return await asyncio.to_thread(render, list(exports))  # parsing thousands of lines: off the event loop
+
+
+SCRAPE_CACHE_S = 1.0
+
+
+class SharedScrape:
+    """What GET /metrics serves, shared: one `scrape` in flight at a time, its result reused for
+    `ttl_s` after it finishes, so a loop of GETs costs the cluster (and the ingress's event loop,
+    which streams replies) one scrape per `ttl_s` however many clients ask."""
+
+    def __init__(self, ttl_s: float = SCRAPE_CACHE_S, scrape=scrape_cluster):
+        self.ttl_s, self.scrape = ttl_s, scrape
+        self.latest: asyncio.Task | None = None
+        self.finished_at = -math.inf
+
+    async def get(self) -> bytes:
+        now = asyncio.get_running_loop().time()
+        if self.latest is None or (self.latest.done() and now - self.finished_at > self.ttl_s):
+            self.latest = asyncio.create_task(self._scrape())
+        return await asyncio.shield(self.latest)  # a client that leaves does not cancel the others' scrape
+
+    async def _scrape(self) -> bytes:
+        try:
+            return await self.scrape()
+        finally:
+            self.finished_at = asyncio.get_running_loop().time()

@@ -13,8 +13,8 @@ from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import ConduitError, invalid, unavailable
-from app.auth import (METRICS_PATH, KeyStore, check_exposure, describe, health_paths, loopback_host,
-                      missing_or_wrong, presented_key, proxy_host)
+from app.auth import (KeyStore, check_exposure, describe, loopback_host, missing_or_wrong, open_paths,
+                      presented_key, probe_paths, proxy_host)
 from app.config import AppConfig
 from app.limits import Call, RateLimiter, counter_actor, current_call
 
@@ -31,7 +31,7 @@ def route_path(request: Request) -> str:
 class Gate:
     def __init__(self, config: AppConfig, keys: KeyStore | None, limiter: RateLimiter | None):
         self.config, self.keys, self.limiter = config, keys, limiter
-        self.probe_paths = health_paths() | {METRICS_PATH}
+        self.probe_paths, self.open_paths = probe_paths(), open_paths(config.auth)
         # keyless and not behind an authenticating gateway: served on loopback only (check_exposure)
         self.loopback_only = not (config.auth.enabled or config.auth.allow_unauthenticated)
 
@@ -60,7 +60,7 @@ class Gate:
             if request.method not in ("GET", "HEAD"):
                 raise ConduitError(f"{path} answers GET and HEAD only, not {request.method}", 405,
                                    code="method_not_allowed", headers={"allow": "GET, HEAD"})
-            if not self.config.auth.protect_health:
+            if path in self.open_paths:
                 return None
         if self.keys is None:
             return ANONYMOUS

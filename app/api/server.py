@@ -121,9 +121,11 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
+    cluster_metrics = metrics.SharedScrape()
+
     @api.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
     async def prometheus_metrics():
         """Every replica's metrics in the cluster, vLLM's and Conduit's names (app/metrics.py)."""
-        return Response(await metrics.scrape_cluster(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await cluster_metrics.get(), media_type=CONTENT_TYPE_LATEST)
 
     return api

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from openai import AuthenticationError, OpenAI
 
+from tests.e2e.conftest import VERTEX_ENV
 from tests.e2e.variants import deploy, model_args
 
 pytestmark = pytest.mark.e2e
@@ -21,6 +22,7 @@ RPM = 40
 KEY_A, KEY_B = (f"sk-conduit-test-{secrets.token_hex(12)}" for _ in range(2))
 WRONG_KEY = f"sk-wrong-{secrets.token_hex(12)}"
 ORIGIN = "https://app.example"
+HEALTH_PATHS = ("/health", VERTEX_ENV["AIP_HEALTH_ROUTE"])
 HEADER_FORMS = [lambda k: {"authorization": f"Bearer {k}"}, lambda k: {"x-api-key": k}, lambda k: {"api-key": k}]
 
 
@@ -60,7 +62,7 @@ def test_every_route_needs_a_key(keyed):
     assert len(routes) >= 6
     with httpx.Client(base_url=keyed, timeout=30) as http:
         for method, path in routes + [("GET", "/openapi.json"), ("GET", "/docs")]:
-            if path in ("/health", "/metrics"):
+            if path in (*HEALTH_PATHS, "/metrics"):
                 continue
             for headers in [{}] + [form(WRONG_KEY) for form in HEADER_FORMS]:
                 r = http.request(method, path, headers=headers, json={})
@@ -71,7 +73,9 @@ def test_every_route_needs_a_key(keyed):
                     assert r.json()["error"]["type"] == "authentication_error"
             ok = http.request(method, path, headers=HEADER_FORMS[0](KEY_A), json={})
             assert ok.status_code != 401, (method, path)
-        assert http.get("/health").status_code == 200  # auth.protect_health is off
+        for path in HEALTH_PATHS:  # auth.protect_health is off
+            assert http.get(path).status_code == 200, path
+        assert http.get("/metrics").status_code == 401  # auth.open_metrics is off
 
 
 def test_valid_key_in_each_header_form(keyed):

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.metrics import CONDUIT, VLLM, exported_metric_names
+from app.metrics import CONDUIT, SCRAPE_CACHE_S, VLLM, exported_metric_names
 from tests.e2e.conftest import MODEL
 
 pytestmark = pytest.mark.e2e
@@ -37,7 +37,7 @@ def settled(server: str) -> dict:
     """A scrape that no longer changes: what earlier tests sent has all been exported."""
     last = scrape(server)
     for _ in range(30):
-        time.sleep(0.7)  # > Ray's report interval in the test cluster (0.5 s)
+        time.sleep(SCRAPE_CACHE_S + 0.2)  # > the ingress's scrape cache and Ray's report interval (0.5 s here)
         now = scrape(server)
         keys = ("vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_count")
         if all(total(now, k, model_name=MODEL) == total(last, k, model_name=MODEL) for k in keys):
@@ -69,7 +69,7 @@ def test_counters_and_histograms_equal_what_the_api_returned(server, client):
         assert time.monotonic() < deadline, "the requests never reached /metrics"
         time.sleep(0.5)
         after = scrape(server)
-    time.sleep(1.0)  # one more report interval: nothing beyond these requests may arrive
+    time.sleep(SCRAPE_CACHE_S + 0.2)  # one more report interval: nothing beyond these requests may arrive
     after = scrape(server)
 
     def rise(sample: str, **labels) -> float:

@@ -1,5 +1,6 @@
 """Which paths the Gate serves without a key: /health and Vertex's configured health route (unless
-auth.protect_health), GET/HEAD only; and the Host names a keyless server answers to."""
+auth.protect_health), /metrics only with auth.open_metrics, GET/HEAD only; and the Host names a
+keyless server answers to."""
 
 import hashlib
 
@@ -52,3 +53,17 @@ def test_keyless_gate_answers_loopback_hosts_only():
     # behind a gateway that authenticates (allow_unauthenticated), or with keys: any name
     assert gate(allow_unauthenticated=True).authenticate(http_request("/v1/completions", {"host": "a.example"}))
     assert keyed_gate().authenticate(http_request("/v1/completions", {"host": "a.example", "x-api-key": "good"}))
+
+
+def test_metrics_needs_a_key_unless_opened():
+    metrics, health = http_request("/metrics", {}, "GET"), http_request("/health", {}, "GET")
+    with pytest.raises(ConduitError) as e:
+        keyed_gate().authenticate(metrics)
+    assert e.value.status == 401
+    assert keyed_gate().authenticate(health) is None
+    assert keyed_gate().authenticate(http_request("/metrics", {"authorization": "Bearer good"}, "GET"))
+    assert keyed_gate(open_metrics=True).authenticate(metrics) is None
+    opened_but_health_protected = keyed_gate(open_metrics=True, protect_health=True)
+    assert opened_but_health_protected.authenticate(metrics) is None
+    with pytest.raises(ConduitError):
+        opened_but_health_protected.authenticate(health)
