@@ -14,10 +14,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from app import metrics
+from app.auth import probe_paths
 
 log = logging.getLogger("ray.serve")
 _current: ContextVar[AccessRecord | None] = ContextVar("conduit_access_record", default=None)
-UNLOGGED_ROUTES = {"/health", "/metrics"}  # probes and scrapes: counted, not logged
 
 
 @dataclass
@@ -121,7 +121,7 @@ def close_record(record: AccessRecord, status: int) -> None:
                         model_name=model, route=route)
         metrics.observe("conduit:e2e_request_latency_seconds", time.monotonic() - record.started,
                         model_name=model, route=route)
-    if route in UNLOGGED_ROUTES:
+    if route in probe_paths():  # probes and scrapes: counted, not logged
         return
     text, fields = record.line(status)
     log.info("access %s", text, extra={"access": fields})

@@ -24,6 +24,7 @@ from app.api.errors import ConduitError
 from app.api.openai import ChatMessage, ResponseBuilder, StreamOptions, _Request
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
+from app.auth import HEALTH_PATH
 from app.engine.engine import RequestOutput
 
 DEFAULT_PREDICT_ROUTE = "/predict"
@@ -104,7 +105,7 @@ def routes(pipeline: Pipeline):
     from app.api.server import Adapter, request_id
 
     predict_route = os.environ.get("AIP_PREDICT_ROUTE") or DEFAULT_PREDICT_ROUTE
-    health_route = os.environ.get("AIP_HEALTH_ROUTE") or "/health"  # server.py's own /health when unset
+    health_route = os.environ.get("AIP_HEALTH_ROUTE") or HEALTH_PATH  # server.py's own /health when unset
     default_model = next(iter(pipeline.models.ids.values()))  # the first configured model
     router = APIRouter()
 
@@ -121,6 +122,6 @@ def routes(pipeline: Pipeline):
         return {"status": "ok"}
 
     router.add_api_route(predict_route, predict, methods=["POST"])
-    if health_route != "/health":
-        router.add_api_route(health_route, health, methods=["GET"])
+    if health_route != HEALTH_PATH:
+        router.add_api_route(health_route, health, methods=["GET", "HEAD"])  # as /health answers
     return Adapter(router, error_response, paths=(predict_route, health_route))
