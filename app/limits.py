@@ -83,18 +83,13 @@ class Budget:
         return await self.limiter.reserve(self.key, tokens, used)
 
 
-# Set by RateLimiter.admit, read when the middleware builds the call's `Call` right after it: the
-# admitted key's budget reaches the Pipeline without the middleware passing it on by hand.
-admitted_budget: ContextVar[Budget] = ContextVar("conduit_budget", default=Budget())
-
-
 @dataclass
 class Call:
     """What the admission middleware decided for one HTTP call; read by the Pipeline."""
 
     deadline: float | None = None  # event-loop time by which the answer must be complete
     charge: Callable[[int], None] = _no_charge  # tokens used after the fact (embeddings), for tokens-per-minute
-    budget: Budget = field(default_factory=admitted_budget.get)
+    budget: Budget = field(default_factory=Budget)
 
 
 current_call: ContextVar[Call] = ContextVar("conduit_call", default=Call())
@@ -196,7 +191,6 @@ class RateLimiter:
             await self._check_tokens_left(key, view)
         if self.rpm:
             await self._take_requests(key, view, 1)
-        admitted_budget.set(Budget(self, key))
         self._sync_in_background(key, view, by_call=True)
         return self.headers(view)
 

@@ -16,7 +16,7 @@ from app.api.errors import ConduitError, invalid, unavailable
 from app.auth import (KeyStore, check_exposure, describe, loopback_host, missing_or_wrong, open_paths,
                       presented_key, probe_paths, proxy_host)
 from app.config import AppConfig
-from app.limits import Call, RateLimiter, counter_actor, current_call
+from app.limits import Budget, Call, RateLimiter, counter_actor, current_call
 
 log = logging.getLogger("ray.serve")
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; a client may shorten ingress.request_timeout_s
@@ -99,7 +99,7 @@ class Gate:
         if self.limiter is None or request.method != "POST":  # only work is rate-limited, not reads
             return Call(deadline), {}
         headers = await self.limiter.admit(key)
-        return Call(deadline, partial(self.limiter.charge, key)), headers
+        return Call(deadline, partial(self.limiter.charge, key), Budget(self.limiter, key)), headers
 
     def timeout(self, asked: str | None) -> float:
         limit = self.config.ingress.request_timeout_s

@@ -8,7 +8,7 @@ import pytest
 
 from app.api.errors import ConduitError
 from app.limits import Budget, Call
-from tests.unit.test_limits import Clock, admitted, limiters
+from tests.unit.test_limits import Clock, admitted, http_request, limiters
 
 WINDOW_START = 60 * 100
 
@@ -135,13 +135,16 @@ def test_a_call_that_counts_as_several_requests_takes_them_all_or_none():
 
 
 def test_admission_hands_the_key_budget_to_the_call():
+    from app.api.gate import Gate
+    from app.config import parse_app_config
+
     async def run():
         (a,), _ = limiters(1, Clock(), tokens_per_minute=100)
         assert Call().budget.limiter is None  # no limits where nothing was admitted
-        await a.admit("k")
-        budget = Call(deadline=1.0).budget  # as the admission middleware builds it
-        assert (budget.limiter, budget.key) == (a, "k")
-        await refused(budget.reserve(101, used=1))
+        config = parse_app_config({"models": [{"name": "m", "source": "x"}]})
+        call, _ = await Gate(config, None, a).admit(http_request("/v1/completions", {}), "k", now=100)
+        assert (call.budget.limiter, call.budget.key) == (a, "k")
+        await refused(call.budget.reserve(101, used=1))
 
     asyncio.run(run())
 
