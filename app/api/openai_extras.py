@@ -13,6 +13,7 @@ from app.api.protocol import ToolSpec
 from app.api.tools import ToolCall
 from app.engine.logprobs import Logprob, TokenLogprobs
 from app.engine.sampling_params import GuidedDecoding
+from app.engine.schema_limits import SchemaError, check_schema
 
 FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
@@ -87,12 +88,11 @@ class MessageToolCall(_Strict):
 
 
 def check(schema: dict, param: str) -> None:
-    """A 400 naming `param` when guided decoding cannot use `schema`."""
-    from app.engine.guided import check_schema  # xgrammar loads only when a schema is sent
-
+    """A 400 naming `param` when `schema` is over a guided-decoding cap or is not a JSON Schema. Only
+    the cheap checks run here, on the ingress loop; the model replica compiles it (time-limited)."""
     try:
         check_schema(schema)
-    except ValueError as e:
+    except SchemaError as e:
         raise invalid(f"{param}: {e}", param) from None
 
 

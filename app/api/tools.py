@@ -14,8 +14,10 @@ import secrets
 import string
 from dataclasses import dataclass
 
+from app.api.errors import invalid
 from app.api.protocol import GenerateRequest, ToolSpec
 from app.engine.sampling_params import GuidedDecoding
+from app.engine.schema_limits import SchemaError, check_limits
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _ID_CHARS = string.ascii_letters + string.digits
@@ -52,9 +54,15 @@ def forced(req: GenerateRequest) -> bool:
 
 
 def constrain(req: GenerateRequest) -> None:
-    """A forced call: decode under the call's grammar (called once the request is prepared)."""
+    """A forced call: decode under the call's grammar (called once the request is prepared). Each
+    tool's schema passed the caps; their union is checked too (a 400 naming `tools`)."""
     if forced(req):
-        req.sampling.guided = GuidedDecoding(call_schema(req.tools, req.tool_name))
+        schema = call_schema(req.tools, req.tool_name)
+        try:
+            check_limits(schema)
+        except SchemaError as e:
+            raise invalid(f"tools: the forced call's schema (all the tools together): {e}", "tools") from None
+        req.sampling.guided = GuidedDecoding(schema)
 
 
 def parse_forced(text: str, id_prefix: str = "call_") -> list[ToolCall]:

@@ -7,9 +7,10 @@ import jsonschema
 import pytest
 import torch
 
-from app.engine.guided import bounded, check_schema
+from app.engine.guided import bounded
 from app.engine.logprobs import TokenNames, token_logprobs
 from app.engine.sampling_params import GuidedDecoding, SamplingParams
+from app.engine.schema_limits import check_schema
 from tests.unit.test_engine import make_engine, prompts, run_all
 
 PERSON = {
