@@ -83,23 +83,28 @@ def run(config: Path = typer.Argument(Path("serve_config.yaml"), exists=True, di
         for model in parse_app_config(app.get("args") or {}).models:
             if model.build_demo_if_missing:
                 build_demo_model(model.resolved_source)
-    typer.echo("starting Ray and Serve; model replicas log their loading progress below ...")
-    _serve_until_signalled(config)
+    typer.echo("starting Ray and Serve ...")
+    _serve_until_signalled(config, apps)
 
 
-def _serve_until_signalled(config: Path) -> None:
-    """`serve run CONFIG` in this process (it applies the file exactly as `serve deploy` would), with
-    Ctrl-C and SIGTERM draining first. `serve run` alone answers Ctrl-C with serve.shutdown(), which
-    kills Serve's HTTP proxy at once and so cuts every stream in flight; and Ray's own SIGTERM handler
-    tears the node down just as fast. Deleting the applications first lets each replica stop taking
-    new work and finish what it has while the proxy still carries the responses."""
+def _serve_until_signalled(config: Path, apps: list[dict]) -> None:
+    """`serve run CONFIG --non-blocking` in this process (it applies the file exactly as `serve
+    deploy` would), then one line per loading step until the apps run, one ready line, and Ctrl-C or
+    SIGTERM draining first. `serve run` alone answers Ctrl-C with serve.shutdown(), which kills
+    Serve's HTTP proxy at once and so cuts every stream in flight; and Ray's own SIGTERM handler tears
+    the node down just as fast. Deleting the applications first lets each replica stop taking new
+    work and finish what it has while the proxy still carries the responses.
+
+    Ray's processes do not print here (log_to_driver off): a client that hangs up mid-stream made
+    Ray's proxy print a traceback into the operator's terminal. Their logs stay in Ray's log folder."""
     import ray
     from ray import serve
     from ray.serve.scripts import run as serve_run
 
     # `serve run` keeps a Ray that is already up; started here so that the handlers below, not the
     # ones Ray installs in ray.init, are the last word on SIGINT and SIGTERM.
-    ray.init(namespace="serve")
+    context = ray.init(namespace="serve", log_to_driver=False)
+    serve_run.main([str(config), "--non-blocking"], prog_name="serve run", standalone_mode=False)
 
     def drain_then_stop(signum, frame):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -111,11 +116,70 @@ def _serve_until_signalled(config: Path) -> None:
         while serve.status().applications:
             time.sleep(0.2)
         log.info("drained in %.1f s; stopping", time.monotonic() - started)
-        raise KeyboardInterrupt  # `serve run`'s own way out: serve.shutdown(), then Ray stops
+        serve.shutdown()
+        ray.shutdown()
+        raise typer.Exit(0)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, drain_then_stop)
-    serve_run.main([str(config)], prog_name="serve run", standalone_mode=False)
+    watch = StatusWatch(lambda: serve.status().applications)
+    if not watch.until_running():
+        serve.shutdown()
+        ray.shutdown()
+        raise typer.Exit(1)
+    typer.echo(ready_line(yaml.safe_load(config.read_text()), apps, context.address_info["session_dir"]))
+    while True:  # report what changes (a replica restarted, a deployment unhealthy) until signalled
+        time.sleep(2)
+        watch.report()
+
+
+class StatusWatch:
+    """Prints each deployment's replica states when they change (with the time since start), so an
+    operator sees loading happen and anything that goes wrong after."""
+
+    def __init__(self, applications):
+        self.applications, self.started, self.last = applications, time.monotonic(), {}
+
+    def report(self) -> dict:
+        apps = self.applications()
+        for app_name, app in apps.items():
+            for name, dep in app.deployments.items():
+                states = ", ".join(f"{n} {getattr(state, 'value', state).lower()}"
+                                   for state, n in sorted(dep.replica_states.items())) or "no replicas"
+                line = f"{getattr(dep.status, 'value', dep.status).lower()}: {states}"
+                if self.last.get((app_name, name)) != line:
+                    self.last[(app_name, name)] = line
+                    message = f" ({dep.message})" if dep.message and "UNHEALTHY" in str(dep.status) else ""
+                    typer.echo(f"[{time.monotonic() - self.started:5.0f} s] {app_name}/{name} {line}{message}")
+        return apps
+
+    def until_running(self) -> bool:
+        """True once every application runs; False (after saying why) when one failed to deploy."""
+        while True:
+            apps = self.report()
+            statuses = {name: str(getattr(app.status, "value", app.status)) for name, app in apps.items()}
+            failed = [name for name, status in statuses.items() if status == "DEPLOY_FAILED"]
+            if failed:
+                for name in failed:
+                    typer.echo(f"{name}: deploy failed: {apps[name].message}", err=True)
+                return False
+            if statuses and all(status == "RUNNING" for status in statuses.values()):
+                return True
+            time.sleep(1)
+
+
+def ready_line(raw_config: dict, apps: list[dict], session_dir: str) -> str:
+    """One line, as vLLM and TGI print: where it serves, what, and where the logs are."""
+    http = raw_config.get("http_options") or {}
+    base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    urls, models = [], []
+    for app in apps:
+        urls.append(base + (app.get("route_prefix") or "/").rstrip("/"))
+        if app.get("import_path", "").startswith("app.build:"):
+            config = parse_app_config(app.get("args") or {})
+            models += [m.name for m in (*config.models, *config.embedding_models)]
+    return (f"Conduit ready at {', '.join(urls)} serving {', '.join(models)} "
+            f"(logs: {session_dir}/logs/serve; Ctrl-C drains and stops)")
 
 
 @cli.command()

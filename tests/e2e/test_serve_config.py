@@ -100,17 +100,31 @@ def test_serve_deploy_on_a_ray_cluster(tmp_path):
 
 
 def test_conduit_run_serves_and_stops_on_ctrl_c(tmp_path):
+    """Serves, says so in one line (URL and models) after a line per deployment's loading, prints no
+    traceback when a client hangs up mid-stream, and stops on Ctrl-C."""
     port = free_port()
     config = config_on_port(tmp_path, port)
-    proc = subprocess.Popen([str(BIN / "conduit"), "run", str(config)], env=ENV, cwd=PROJECT_ROOT,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    output = tmp_path / "conduit-run.log"
+    with output.open("w") as sink:
+        proc = subprocess.Popen([str(BIN / "conduit"), "run", str(config)], env=ENV, cwd=PROJECT_ROOT,
+                                start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
     try:
         assert wait_and_ask(port, proc)["object"] == "chat.completion"
         # Ray sized from this machine's real CPUs (2 in CI): every deployment of the default config fits
         r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "hi"},
                        timeout=60)
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384, r.text
+        body = {"model": "conduit-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as stream:
+            next(stream.iter_lines())  # then hang up mid-stream
+        time.sleep(3)
     finally:
         stop_group(proc, wait_s=30)  # measured ~8 s; Ray's 30 s ingress draining period is off for local runs
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+    printed = output.read_text()
+    ready = [line for line in printed.splitlines() if line.startswith("Conduit ready at")]
+    assert ready and f"http://127.0.0.1:{port}" in ready[0] and "conduit-demo, all-minilm-l6-v2" in ready[0], printed
+    assert f"conduit/Model-conduit-demo healthy: 1 running" in printed, printed  # loading was shown
+    assert "Traceback" not in printed and "Unhandled error" not in printed, printed
