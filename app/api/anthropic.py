@@ -242,7 +242,7 @@ class MessagesRequest(_MessagesInput):
             if tools.forced(req):
                 raise invalid("a forced tool call cannot be combined with output_config.format", "output_config.format")
             check(output_format.schema_, "output_config.format.schema")
-            sampling.guided = GuidedDecoding(output_format.schema_)
+            sampling.guided = GuidedDecoding(output_format.schema_, param="output_config.format.schema")
         return req
 
 

@@ -44,7 +44,7 @@ class ResponseFormat(_Strict):
             return None if self.type == "text" else GuidedDecoding(None)
         schema = self.json_schema.schema_ or {"type": "object"}
         check(schema, "response_format.json_schema.schema")
-        return GuidedDecoding(schema)
+        return GuidedDecoding(schema, param="response_format.json_schema.schema")
 
 
 class FunctionDef(_Strict):

@@ -32,6 +32,7 @@ from app.api.protocol import GenerateRequest
 from app.engine.engine import RequestOutput
 from app.engine.logprobs import Logprob
 from app.engine.sampling_params import GuidedDecoding, SamplingParams
+from app.engine.schema_limits import check_schema
 
 MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when the field is absent (null: the rest of the window)
@@ -49,14 +50,12 @@ class Grammar(BaseModel):
     def guided(self) -> GuidedDecoding:
         if self.type == "regex":
             raise invalid("grammar of type `regex` is not supported by this server; use `json`", "grammar")
-        from app.engine.guided import check_schema  # xgrammar loads only when a grammar is sent
-
         schema = json.loads(self.value) if isinstance(self.value, str) else self.value
         try:
             check_schema(schema)
         except ValueError as e:
             raise invalid(f"grammar: {e}", "grammar") from None
-        return GuidedDecoding(schema)
+        return GuidedDecoding(schema, param="grammar")
 
 
 class Parameters(BaseModel):

@@ -62,7 +62,7 @@ def constrain(req: GenerateRequest) -> None:
             check_limits(schema)
         except SchemaError as e:
             raise invalid(f"tools: the forced call's schema (all the tools together): {e}", "tools") from None
-        req.sampling.guided = GuidedDecoding(schema)
+        req.sampling.guided = GuidedDecoding(schema, param="tools")
 
 
 def parse_forced(text: str, id_prefix: str = "call_") -> list[ToolCall]:

@@ -11,6 +11,7 @@ the unmodified HF model (see model_runner.py).
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -89,6 +90,7 @@ class LLMEngine:
         self.model = model
         self.token_names = TokenNames(tokenizer)
         self._guided = None  # GuidedCompiler, built on the first guided request
+        self._guided_lock = threading.Lock()  # the replica's compile pool and the engine thread both ask
 
     # requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -109,8 +111,9 @@ class LLMEngine:
             raise RequestRejected("prompt log-probs are not supported with tensor parallelism", "prompt_logprobs")
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         seq = Sequence(request_id, prompt_ids, params, detok, self.eos_ids)
-        if params.guided is not None:
-            seq.matcher = self._guided_compiler().matcher(params.guided)
+        if params.guided is not None:  # compiled off this thread by the server (AsyncEngine); tests compile here
+            compiler, compiled = self.guided_compiler(), params.guided.compiled
+            seq.matcher = compiler.matcher_from(compiled) if compiled is not None else compiler.matcher(params.guided)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -273,12 +276,13 @@ class LLMEngine:
     def _vocab_size(self) -> int:
         return self.model.config.get_text_config().vocab_size
 
-    def _guided_compiler(self):
-        if self._guided is None:
-            from app.engine.guided import GuidedCompiler  # xgrammar loads only where it is used
+    def guided_compiler(self):
+        with self._guided_lock:
+            if self._guided is None:
+                from app.engine.guided import GuidedCompiler  # xgrammar loads only where it is used
 
-            self._guided = GuidedCompiler(self.tokenizer, self._vocab_size(), sorted(self.eos_ids))
-        return self._guided
+                self._guided = GuidedCompiler(self.tokenizer, self._vocab_size(), sorted(self.eos_ids))
+            return self._guided
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -21,6 +21,8 @@ class GuidedDecoding:
     calls use it too, with a schema built by `app/api/tools.py`."""
 
     json_schema: dict | None = None
+    param: str | None = None  # the request field the schema came from (a compile error names it)
+    compiled: object | None = field(default=None, repr=False, compare=False)  # set on the model replica
 
 
 @dataclass
