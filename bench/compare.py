@@ -433,6 +433,7 @@ $ free -g
 
 Single-request latencies (fill-in-the-middle, cold start from zero replicas): [latency.md](latency.md).
 Sampled stacks of the model and Ingress replicas under this load: [profile.md](profile.md).
+Ray Serve's HAProxy mode as the front (the proxy's CPU per token, measured, not yet adopted): [haproxy-mode.md](haproxy-mode.md).
 """
 
 
