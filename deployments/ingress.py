@@ -9,6 +9,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from app.api.disconnects import CancelOnDisconnect
 from app.api.pipeline import Pipeline
 from app.api.server import build_api
 from app.config import AppConfig
@@ -30,4 +31,6 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         """Called by Serve after __init__: the app's routes close over this replica's pipeline."""
-        return build_api(self.pipeline, self.config)
+        api = build_api(self.pipeline, self.config)
+        api.add_middleware(CancelOnDisconnect)  # outermost: a client that goes away frees its engine sequences
+        return api

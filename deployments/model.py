@@ -59,11 +59,11 @@ class Model:
     async def generate(self, request: PreparedRequest) -> AsyncIterator[RequestOutput]:
         if self.engine.engine.stats().num_waiting >= self.config.max_waiting:  # bounded queue: fail fast
             raise unavailable("The model's queue is full; retry shortly.", "server_overloaded")
+        deltas = self.engine.generate(request.request_id, request.prompt_ids, request.sampling,
+                                      self.config.stream_interval_s, self.config.max_stream_messages_per_s)
+        tracked = self.metrics.track(request.request_id, deltas)
         try:
-            async for out in self.metrics.track(request.request_id, self.engine.generate(
-                request.request_id, request.prompt_ids, request.sampling,
-                self.config.stream_interval_s, self.config.max_stream_messages_per_s,
-            )):
+            async for out in tracked:
                 yield out
         except RequestRejected as e:  # e.g. it can never fit in the KV cache
             raise ConduitError(e.message, 400, param=e.param) from None
@@ -71,6 +71,12 @@ class Model:
             raise
         except Exception as e:  # this request's sequence failed in the engine; the others run on
             raise request_failed(request.request_id, e) from None
+        finally:
+            # A cancelled call (its client went away) gets a CancelledError at the `yield` above, which
+            # leaves both streams suspended: closing them aborts the sequence now, before the engine's
+            # next step, rather than whenever the generators are collected.
+            await tracked.aclose()
+            await deltas.aclose()
 
     async def stats(self) -> dict:
         return vars(self.engine.engine.stats())

@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 
 from app import access_log
+from app.api.disconnects import cancelled_unless_finished
 from app.api.errors import invalid
 from app.api.faults import bounded, bounded_iter
 from app.api.input_limits import cap_max_tokens, check_embedding_inputs, check_generate
@@ -70,11 +71,11 @@ class Pipeline:
         stream = self.models.handle(prepared.model).options(stream=True).generate.remote(prepared)
         out = None
         try:
-            async for out in stream:
-                access_log.output(out)
-                yield out
+            with cancelled_unless_finished(stream):  # frees the engine slot if the client goes away
+                async for out in stream:
+                    access_log.output(out)
+                    yield out
         finally:
-            stream.cancel()  # no-op once finished; frees the engine slot if the client went away
             reservation.use(out.num_output_tokens if out else 0)
 
     async def complete(self, req: GenerateRequest) -> list[RequestOutput]:
