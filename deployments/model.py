@@ -17,6 +17,7 @@ from app.config import ModelConfig
 from app.engine.async_engine import AsyncEngine, EngineDeadError
 from app.engine.engine import LLMEngine, RequestOutput
 from app.engine.errors import RequestRejected
+from app.engine.guided import CompilerBusy
 from app.loading import load_replica_model, load_tokenizer, pick_device, resolved_engine_config
 from app.metrics import LoadProgress, ModelMetrics
 
@@ -69,6 +70,8 @@ class Model:
             raise ConduitError(e.message, 400, param=e.param) from None
         except EngineDeadError:
             raise
+        except CompilerBusy as e:  # every guided-decoding compile worker stayed busy
+            raise unavailable(str(e), "guided_compile_busy") from None
         except Exception as e:  # this request's sequence failed in the engine; the others run on
             raise request_failed(request.request_id, e) from None
         finally:

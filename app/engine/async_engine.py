@@ -13,7 +13,9 @@ import time
 from collections.abc import AsyncIterator
 
 from app.engine.engine import LLMEngine, RequestOutput
-from app.engine.sampling_params import SamplingParams
+from app.engine.errors import RequestRejected
+from app.engine.sampling_params import GuidedDecoding, SamplingParams
+from app.engine.schema_limits import SchemaError
 
 
 class EngineDeadError(RuntimeError):
@@ -77,6 +79,8 @@ class AsyncEngine:
         self.ensure_started()
         if not self.alive:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
+        if params.guided is not None and params.guided.compiled is None:
+            params.guided.compiled = await self._compile(params.guided)
         engine_id = f"{request_id}#{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[engine_id] = queue
@@ -98,6 +102,17 @@ class AsyncEngine:
             self._streams.pop(engine_id, None)
             if not finished:
                 self._post(("abort", engine_id))
+
+    async def _compile(self, guided: GuidedDecoding):
+        """The grammar of a guided request, compiled in the compiler's own time-limited pool: never
+        on the engine thread, where one slow schema would stall every sequence."""
+        from app.engine.guided import compile_with_limit  # xgrammar loads only where it is used
+
+        compiler = await asyncio.to_thread(self.engine.guided_compiler)  # its first build reads the vocabulary
+        try:
+            return await compile_with_limit(compiler, guided)
+        except SchemaError as e:  # CompileTimeout included: too complex for this server
+            raise RequestRejected(str(e), guided.param) from None
 
     # engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -26,6 +26,7 @@ from app.engine.model_runner import ModelRunner
 from app.engine.sampler import sample
 from app.engine.sampling_params import SamplingParams
 from app.engine.scheduler import Scheduler
+from app.engine.schema_limits import SchemaError
 from app.engine.sequence import RequestTimings, Sequence, SequenceStatus
 
 # logits one chunk of a prompt being scored may hold (64 MiB in float32): the chunk is this over the
@@ -112,8 +113,7 @@ class LLMEngine:
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
         seq = Sequence(request_id, prompt_ids, params, detok, self.eos_ids)
         if params.guided is not None:  # compiled off this thread by the server (AsyncEngine); tests compile here
-            compiler, compiled = self.guided_compiler(), params.guided.compiled
-            seq.matcher = compiler.matcher_from(compiled) if compiled is not None else compiler.matcher(params.guided)
+            seq.matcher = self._matcher(params.guided)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -275,6 +275,15 @@ class LLMEngine:
 
     def _vocab_size(self) -> int:
         return self.model.config.get_text_config().vocab_size
+
+    def _matcher(self, guided):
+        compiler = self.guided_compiler()
+        if guided.compiled is not None:
+            return compiler.matcher_from(guided.compiled)
+        try:
+            return compiler.matcher(guided)
+        except SchemaError as e:
+            raise RequestRejected(str(e), guided.param) from None
 
     def guided_compiler(self):
         with self._guided_lock:

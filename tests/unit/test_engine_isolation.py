@@ -163,3 +163,34 @@ def test_same_request_id_never_shares_a_stream(hf_model, reference_greedy):
 
     for prompt, tokens in zip(ps, asyncio.run(run())):
         assert tokens == reference_greedy(prompt, 10)
+
+
+def test_guided_grammar_compiles_off_the_engine_thread(hf_model, monkeypatch):
+    """A slow schema must not stall every sequence: the replica compiles it in the compiler's pool
+    before the request reaches the engine thread, which only builds a matcher from the result."""
+    import threading
+
+    from app.engine.guided import GuidedCompiler
+    from app.engine.sampling_params import GuidedDecoding
+
+    threads = []
+    compile_ = GuidedCompiler.compile
+
+    def spy(self, spec):
+        threads.append(threading.current_thread().name)
+        return compile_(self, spec)
+
+    monkeypatch.setattr(GuidedCompiler, "compile", spy)
+    engine = AsyncEngine(make_engine(hf_model))
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+    async def run():
+        text = ""
+        params = SamplingParams(max_tokens=24, temperature=0.0, guided=GuidedDecoding(schema, param="response_format"))
+        async for out in engine.generate("g", [1, 2, 3], params):
+            text += out.text
+        return text
+
+    text = asyncio.run(run())
+    assert threads and "conduit-engine" not in threads, threads
+    assert text.startswith("{")
