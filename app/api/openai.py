@@ -31,7 +31,7 @@ class _Request(BaseModel):
     max_tokens: PositiveCount | None = None
     temperature: real(ge=0, le=2) | None = None
     top_p: real(gt=0, le=1) | None = None
-    n: PositiveCount = 1  # caps on n, stop, ...: ingress.input_limits, in the Pipeline
+    n: Annotated[int, Field(ge=1)] = 1  # caps on n, stop, ...: ingress.input_limits, in the Pipeline
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
