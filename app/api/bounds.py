@@ -10,6 +10,8 @@ from typing import Annotated
 
 from pydantic import Field
 
+from app.engine.sampling_params import MIN_REPETITION_PENALTY
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -24,8 +26,6 @@ Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 # the server are ingress.input_limits, checked in the Pipeline)
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 PositiveCount = Annotated[int, Field(gt=0, le=2**31 - 1)]
-# the penalty divides positive logits: below 0.01 they overflow float32 (1e-300 is 0 there)
-MIN_REPETITION_PENALTY = 0.01
 
 
 def zero_or_usable_penalty(value: float) -> float:
