@@ -17,6 +17,7 @@ from app import metrics
 from app.auth import probe_paths
 
 log = logging.getLogger("ray.serve")
+UNLOGGED_ROUTES = probe_paths()  # probes and scrapes (Vertex's route too): counted, not logged
 _current: ContextVar[AccessRecord | None] = ContextVar("conduit_access_record", default=None)
 
 
@@ -121,7 +122,7 @@ def close_record(record: AccessRecord, status: int) -> None:
                         model_name=model, route=route)
         metrics.observe("conduit:e2e_request_latency_seconds", time.monotonic() - record.started,
                         model_name=model, route=route)
-    if route in probe_paths():  # probes and scrapes: counted, not logged
+    if route in UNLOGGED_ROUTES:
         return
     text, fields = record.line(status)
     log.info("access %s", text, extra={"access": fields})
