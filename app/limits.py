@@ -90,6 +90,11 @@ class Call:
     deadline: float | None = None  # event-loop time by which the answer must be complete
     charge: Callable[[int], None] = _no_charge  # tokens used after the fact (embeddings), for tokens-per-minute
     budget: Budget = field(default_factory=Budget)
+    tenant: str = ""  # the admitted key's id: whose share of the engine its sequences use
+
+    def scheduling(self, asked_priority: int) -> tuple[int, str]:
+        """The priority the engine runs this call at, and its tenant."""
+        return asked_priority, self.tenant
 
 
 current_call: ContextVar[Call] = ContextVar("conduit_call", default=Call())

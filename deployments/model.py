@@ -61,7 +61,8 @@ class Model:
         if self.engine.engine.stats().num_waiting >= self.config.max_waiting:  # bounded queue: fail fast
             raise unavailable("The model's queue is full; retry shortly.", "server_overloaded")
         deltas = self.engine.generate(request.request_id, request.prompt_ids, request.sampling,
-                                      self.config.stream_interval_s, self.config.max_stream_messages_per_s)
+                                      self.config.stream_interval_s, self.config.max_stream_messages_per_s,
+                                      request.priority, request.tenant)
         tracked = self.metrics.track(request.request_id, deltas)
         try:
             async for out in tracked:

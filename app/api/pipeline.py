@@ -57,6 +57,7 @@ class Pipeline:
         prompt = len(prepared.prompt_ids)
         access_log.tokenized(req.model, prompt, time.monotonic() - started, req.messages or req.prompt)
         cap_max_tokens(req, prepared.sampling, self.limits)
+        prepared.priority, prepared.tenant = current_call.get().scheduling(req.priority)
         reservation = await current_call.get().budget.reserve(prompt + req.n * prepared.sampling.max_tokens, prompt)
         if req.n == 1:
             return [prepared], reservation

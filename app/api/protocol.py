@@ -34,6 +34,7 @@ class GenerateRequest:
     tools: list[ToolSpec] = field(default_factory=list)
     tool_choice: Literal["auto", "none", "required"] = "auto"
     tool_name: str | None = None
+    priority: int = 0  # asked by the client (vLLM's field; lower runs first); capped by the key's policy
 
 
 @dataclass
@@ -51,3 +52,5 @@ class PreparedRequest:
     model: str
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    priority: int = 0  # what the engine's scheduler uses: the asked priority after the key's cap
+    tenant: str = ""  # whose fair share it uses (the API key's id)

@@ -94,8 +94,10 @@ class LLMEngine:
         self._guided_lock = threading.Lock()  # the replica's compile pool and the engine thread both ask
 
     # requests ---------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raises RequestRejected (naming the field) for a request this engine cannot serve."""
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    priority: int = 0, tenant: str = "") -> None:
+        """Raises RequestRejected (naming the field) for a request this engine cannot serve.
+        `priority` (lower runs first) and `tenant` (whose share it uses) are for the scheduler."""
         params.check()
         total = len(prompt_ids) + params.max_tokens
         if not prompt_ids:
@@ -111,7 +113,7 @@ class LLMEngine:
             # tensor parallel: the weights, and so the scoring forward, are in the workers
             raise RequestRejected("prompt log-probs are not supported with tensor parallelism", "prompt_logprobs")
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
-        seq = Sequence(request_id, prompt_ids, params, detok, self.eos_ids)
+        seq = Sequence(request_id, prompt_ids, params, detok, self.eos_ids, priority, tenant)
         if params.guided is not None:  # compiled off this thread by the server (AsyncEngine); tests compile here
             seq.matcher = self._matcher(params.guided)
         self.sequences[request_id] = seq

@@ -49,8 +49,12 @@ class Sequence:
         params: SamplingParams,
         detokenizer: IncrementalDetokenizer,
         eos_ids: frozenset[int],
+        priority: int = 0,
+        tenant: str = "",
     ):
         self.request_id = request_id
+        self.priority = priority  # lower runs first (vLLM's convention)
+        self.tenant = tenant  # whose share of the engine it uses (an API key's id; "" for none)
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.params = params
