@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,10 +26,33 @@ from pathlib import Path
 RAY = Path(sys.executable).with_name("ray")
 
 
+# Ray's processes bind ports at random: from the kernel's ephemeral range (bind to port 0) and from
+# its worker-port range 10002-19999. A port picked the same way for a listener that starts later
+# (Serve's HTTP proxy, a dashboard) can be taken by one of them first (CI saw a gRPC server answer
+# on the HTTP port), so ports passed to Ray are drawn from the range between, which nothing takes
+# at random.
+QUIET_PORTS = (20000, 32767)
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free 127.0.0.1 port that no process takes at random before its listener binds it."""
+    low, high = QUIET_PORTS[0], min(QUIET_PORTS[1], _ephemeral_low() - 1)
+    for _ in range(200):
+        port = random.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def _node_ports() -> list[str]:

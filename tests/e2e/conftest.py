@@ -1,18 +1,12 @@
 """One real local Ray cluster and Conduit app for the end-to-end tests (started once, ~15 s)."""
 
 import os
-import socket
 import time
 
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from cluster.local_cluster import free_port
 
 PORT = free_port()  # several test runs may share this machine
 BASE = f"http://127.0.0.1:{PORT}"

@@ -3,9 +3,8 @@
 tests do not collide with a server on 8000."""
 
 import os
-import signal
-import socket
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,16 +16,11 @@ import pytest
 import yaml
 
 from app.config import PROJECT_ROOT
+from cluster.local_cluster import free_port
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_on_port(tmp_path: Path, port: int) -> Path:
@@ -48,6 +42,8 @@ def wait_and_ask(port: int, proc: subprocess.Popen, limit_s: float = 240) -> dic
         except httpx.HTTPError:
             pass
         time.sleep(1)
+    else:
+        pytest.fail(f"nothing answered /v1/models on port {port} within {limit_s:.0f} s")
     body = {"model": "conduit-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
     r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
@@ -126,5 +122,5 @@ def test_conduit_run_serves_and_stops_on_ctrl_c(tmp_path):
     printed = output.read_text()
     ready = [line for line in printed.splitlines() if line.startswith("Conduit ready at")]
     assert ready and f"http://127.0.0.1:{port}" in ready[0] and "conduit-demo, all-minilm-l6-v2" in ready[0], printed
-    assert f"conduit/Model-conduit-demo healthy: 1 running" in printed, printed  # loading was shown
+    assert "conduit/Model-conduit-demo healthy: 1 running" in printed, printed  # loading was shown
     assert "Traceback" not in printed and "Unhandled error" not in printed, printed
