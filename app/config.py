@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.qos import PriorityClass
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Environment for every Ray process that serves Conduit (set before `ray start` / ray.init; `conduit
@@ -65,6 +67,13 @@ class EngineConfig(Strict):
         None, description="accelerate layer sharding over the replica's devices (for models that do not fit one)"
     )
     num_devices: int = Field(1, ge=1, le=64, description="GPUs one replica holds when it uses device_map")
+    preempt_after_s: float = Field(
+        0.05, ge=0, le=3600, description="a waiting request of a better priority class, or of an API key below its "
+        "fair share of batch slots, preempts a running one (recomputed later) once it has waited this long"
+    )
+    tenant_weights: dict[str, float] = Field(
+        default_factory=dict, description="fair-share weight per API key id; filled from auth.keys (set weights there)"
+    )
 
     @model_validator(mode="after")
     def _one_way_to_span_devices(self) -> EngineConfig:
@@ -206,6 +215,17 @@ class IngressConfig(Strict):
     )
 
 
+class KeyPolicy(Strict):
+    """How the engine schedules one API key's requests (docs/qos.md). The key is named by its id, never
+    by itself: the first 12 hex digits of its sha256, as logs and metrics show it."""
+
+    key_id: str = Field(pattern=r"^[0-9a-f]{12}$", description="first 12 hex digits of the key's sha256")
+    max_class: PriorityClass = Field(
+        "standard", description="the best class it may ask for (interactive, standard, batch); a better ask is capped"
+    )
+    weight: float = Field(1.0, gt=0, le=1000, description="its share of batch slots and queues, against other keys'")
+
+
 class AuthConfig(Strict):
     """API keys, by reference only: the config never holds a key itself."""
 
@@ -220,6 +240,26 @@ class AuthConfig(Strict):
     allow_unauthenticated: bool = Field(
         False, description="serve a non-loopback host with no keys (only behind a gateway that authenticates)"
     )
+    keys: list[KeyPolicy] = Field(default_factory=list, description="scheduling policy per API key (docs/qos.md)")
+    default_max_class: PriorityClass = Field(
+        "standard", description="the best priority class a key without a policy (or a keyless server) may ask for"
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def _one_policy_per_key(cls, keys: list[KeyPolicy]) -> list[KeyPolicy]:
+        ids = [k.key_id for k in keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a key_id has two policies")
+        return keys
+
+    def policy(self, key_id: str) -> KeyPolicy:
+        """`key_id`'s policy, or the default one (weight 1, `default_max_class`)."""
+        for key in self.keys:
+            if key.key_id == key_id:
+                return key
+        # constructed, not validated: the keyless server's one bucket has an id that is no digest
+        return KeyPolicy.model_construct(key_id=key_id, max_class=self.default_max_class, weight=1.0)
 
     @property
     def enabled(self) -> bool:
@@ -247,6 +287,14 @@ class AppConfig(Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
     logging: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _weights_reach_the_engines(self) -> AppConfig:
+        """Model replicas get only their ModelConfig: the keys' weights travel in its engine config."""
+        weights = {key.key_id: key.weight for key in self.auth.keys}
+        for model in self.models:
+            model.engine.tenant_weights = weights
+        return self
 
     @model_validator(mode="after")
     def _unique_ids(self) -> AppConfig:

@@ -74,6 +74,12 @@ class EngineStats:
     num_preemptions: int
     prefix_queries: int
     prefix_hits: int
+    # by priority class, by tenant (API key id), and preemptions by cause (see scheduler.py)
+    running_by_class: dict[str, int] = field(default_factory=dict)
+    waiting_by_class: dict[str, int] = field(default_factory=dict)
+    running_by_key: dict[str, int] = field(default_factory=dict)
+    waiting_by_key: dict[str, int] = field(default_factory=dict)
+    preemptions_by_cause: dict[str, int] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -85,7 +91,8 @@ class LLMEngine:
         self.max_model_len = config.max_model_len
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens,
+                                   config.tenant_weights, config.preempt_after_s)
         self.runner = runner or ModelRunner(model, config.num_kv_blocks, config.block_size)
         self.sequences: dict[str, Sequence] = {}
         self.model = model
@@ -129,15 +136,21 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def queue_full(self, tenant: str) -> str | None:
+        """Why one more request of `tenant` would be refused (its key's share of the queue, then the
+        replica's), or None. Safe to call from another thread."""
+        return self.scheduler.queue_full(tenant, self.config.max_waiting)
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=self.scheduler.num_waiting,
             kv_blocks_used=self.blocks.num_used,
             kv_blocks_total=self.blocks.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             prefix_queries=self.blocks.prefix_queries,
             prefix_hits=self.blocks.prefix_hits,
+            **self.scheduler.load(),
         )
 
     # the step ---------------------------------------------------------------------------------

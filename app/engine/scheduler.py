@@ -1,67 +1,239 @@
 """Decides, each step, which sequences run: admit waiting ones (a prefill step) while slots, blocks
-and the prefill token budget allow, otherwise decode every running sequence. When a running
-sequence needs a KV block and none is free, the newest one is preempted: its blocks are freed and
-it goes back to the front of the queue, to be recomputed (from the prefix cache where it can).
-Running order is admission order, so the newest is last."""
+and the prefill token budget allow, otherwise decode every running sequence.
+
+Who is admitted first (docs/qos.md):
+- Priority classes (app/qos.py): a waiting sequence of a better class goes before any of a worse
+  one. A worse class still runs whenever the better ones leave slots free.
+- Fair share within a class: the API key (tenant) holding the fewest running slots per unit of
+  weight goes next, so slots, and each prefill step's token budget, are shared by weight among the
+  keys that wait. One key's own sequences go by (priority, arrival).
+- Preemption: a running sequence loses its blocks and goes back to the queue, to be recomputed
+  (from the prefix cache where it can). Causes: `kv_cache` (a running sequence needs a block and none
+  is free: the worst class's newest sequence goes), `priority` (a sequence of a better class has
+  waited `preempt_after_s` with no room: a worse class's newest goes), `fair_share` (a key below its
+  share of its class's slots has waited as long: the newest of the key most over its share goes,
+  only while that key stays at or above its share, so two keys never trade a slot back and forth).
+
+Other threads (the replica's event loop, the metrics poller) read only counters kept up to date
+here (`queue_full`, `load`), never the queues themselves."""
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+import itertools
+import time
+from collections import Counter
 
 from app.engine.block_manager import BlockManager
 from app.engine.sequence import Sequence, SequenceStatus
+from app.qos import CLASSES
+
+PREEMPTION_CAUSES = ("kv_cache", "priority", "fair_share")
+
+
+def _queue_order(seq: Sequence) -> tuple[int, int]:
+    return seq.priority, seq.order
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_prefill_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_prefill_tokens: int,
+                 weights: dict[str, float] | None = None, preempt_after_s: float = 0.05, clock=time.monotonic):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.num_preemptions = 0
+        self.weights = dict(weights or {})
+        self.preempt_after_s = preempt_after_s
+        self.clock = clock
+        # waiting sequences by class rank, then tenant; each list sorted by (priority, arrival)
+        self.queues: list[dict[str, list[Sequence]]] = [{} for _ in CLASSES]
+        self.running: list[Sequence] = []  # admission order
+        self.num_waiting = 0
+        self.waiting_by_class = [0] * len(CLASSES)
+        self.tenant_waiting: dict[str, int] = {}
+        self.tenant_work: dict[str, int] = {}  # waiting + running, per tenant with any
+        self.active_weight = 0.0  # the weights of the tenants in tenant_work, summed
+        self.preemptions = dict.fromkeys(PREEMPTION_CAUSES, 0)
+        self._arrivals = itertools.count()
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(self.preemptions.values())
+
+    def weight(self, tenant: str) -> float:
+        return self.weights.get(tenant, 1.0)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        seq.order = next(self._arrivals)
+        self._count_work(seq.tenant, +1)
+        self._enqueue(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.num_waiting or self.running)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns (sequences, is_prefill)."""
-        admitted, budget = [], self.max_prefill_tokens
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if admitted and (seq.num_tokens > budget or seq.scores_prompt or admitted[0].scores_prompt):
-                break  # a prompt being scored prefills alone, in chunks (engine._prefill_scored)
-            if not self.blocks.can_allocate(seq.num_tokens):
-                break
-            self.waiting.popleft()
-            self.blocks.allocate(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            admitted.append(seq)
-            budget -= seq.num_tokens
-        if admitted:
-            return admitted, True
+        if self.num_waiting:
+            self._preempt_for_waiting()
+            admitted = self._admit()
+            if admitted:
+                return admitted, True
         for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING:  # preempted for a block earlier in this loop
+                continue
             while not self.blocks.can_append(seq):
-                self.preempt(self.running[-1])
-                if seq.status != SequenceStatus.RUNNING:
+                victim = max(self.running, key=lambda s: (s.rank, s.order))  # the worst class's newest
+                self.preempt(victim, "kv_cache")
+                if victim is seq:
                     break
             if seq.status == SequenceStatus.RUNNING:
                 self.blocks.append(seq)
         return list(self.running), False
 
-    def preempt(self, seq: Sequence) -> None:
-        self.remove(seq)
-        seq.status = SequenceStatus.WAITING
-        self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+    def preempt(self, seq: Sequence, cause: str) -> None:
+        self.running.remove(seq)
+        self.blocks.deallocate(seq)
+        self.preemptions[cause] += 1
+        self._enqueue(seq)
 
     def remove(self, seq: Sequence) -> None:
+        """A sequence that finished, failed or was aborted leaves (a second call does nothing)."""
         self.blocks.deallocate(seq)
         if seq in self.running:
             self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        elif seq in self.queues[seq.rank].get(seq.tenant, ()):
+            self._dequeue(seq)
+        else:
+            return
+        self._count_work(seq.tenant, -1)
+
+    # admission control, read from the replica's event loop ----------------------------------------
+    def queue_full(self, tenant: str, max_waiting: int) -> str | None:
+        """Why one more request of `tenant` is refused, or None. Per key first: a key may hold its
+        weighted share of `max_waiting` (among the keys with work here, itself included), so a key
+        that floods fills its own share, not everyone's. The whole replica refuses only past twice
+        `max_waiting`, reachable only when many keys fill their shares in turn."""
+        weight = self.weight(tenant)
+        active = self.active_weight + (0.0 if tenant in self.tenant_work else weight)
+        share = max(1, int(max_waiting * weight / active))
+        waiting = self.tenant_waiting.get(tenant, 0)
+        if waiting >= share:
+            return f"This API key's share of the model's queue is full ({waiting} requests waiting); retry shortly."
+        if self.num_waiting >= 2 * max_waiting:
+            return "The model's queue is full; retry shortly."
+        return None
+
+    def load(self) -> dict:
+        """Running and waiting sequences per class and per tenant, and preemptions per cause."""
+        running = list(self.running)  # copies: the engine thread changes these meanwhile
+        return {
+            "running_by_class": dict(Counter(CLASSES[s.rank] for s in running)),
+            "waiting_by_class": dict(zip(CLASSES, list(self.waiting_by_class))),
+            "running_by_key": dict(Counter(s.tenant for s in running)),
+            "waiting_by_key": dict(self.tenant_waiting),
+            "preemptions_by_cause": dict(self.preemptions),
+        }
+
+    # admission -----------------------------------------------------------------------------------
+    def _admit(self) -> list[Sequence]:
+        admitted, budget = [], self.max_prefill_tokens
+        over_budget: set[str] = set()  # tenants whose next prompt does not fit this step's budget
+        running = self._running_slots()
+        while len(self.running) < self.max_num_seqs:
+            seq = self._next_waiting(running, over_budget)
+            if seq is None or (admitted and admitted[0].scores_prompt):
+                break  # a prompt being scored prefills alone, in chunks (engine._prefill_scored)
+            if admitted and (seq.num_tokens > budget or seq.scores_prompt):
+                over_budget.add(seq.tenant)
+                continue
+            if not self.blocks.can_allocate(seq.num_tokens):
+                break
+            self._dequeue(seq)
+            self.blocks.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            running[seq.rank, seq.tenant] += 1
+            admitted.append(seq)
+            budget -= seq.num_tokens
+        return admitted
+
+    def _running_slots(self) -> Counter:
+        return Counter((s.rank, s.tenant) for s in self.running)
+
+    def _next_waiting(self, running: Counter, skip: set[str]) -> Sequence | None:
+        """The head of the best class's fairest tenant: fewest running slots per weight, then the older
+        head. None when that class has no tenant left outside `skip` (a worse class does not jump it)."""
+        for rank, tenants in enumerate(self.queues):
+            if not tenants:
+                continue
+            heads = [queue[0] for tenant, queue in tenants.items() if tenant not in skip]
+            if not heads:
+                return None
+            return min(heads, key=lambda s: (running[rank, s.tenant] / self.weight(s.tenant), s.priority, s.order))
+        return None
+
+    # preemption for a waiting sequence ---------------------------------------------------------------
+    def _preempt_for_waiting(self) -> None:
+        running = self._running_slots()
+        seq = self._next_waiting(running, set())
+        if seq is None or self.clock() - seq.waiting_since < self.preempt_after_s:
+            return
+        while not (len(self.running) < self.max_num_seqs and self.blocks.can_allocate(seq.num_tokens)):
+            victim, cause = self._victim_for(seq, running)
+            if victim is None:
+                return
+            self.preempt(victim, cause)
+            running[victim.rank, victim.tenant] -= 1
+
+    def _victim_for(self, seq: Sequence, running: Counter) -> tuple[Sequence | None, str]:
+        worse = [s for s in self.running if s.rank > seq.rank]
+        if worse:
+            return max(worse, key=lambda s: (s.rank, s.order)), "priority"
+        share = self._slot_shares(seq.rank, running)
+        if running[seq.rank, seq.tenant] + 1 > share[seq.tenant]:
+            return None, ""  # it has its share already: it waits for a slot like anyone
+        over = [t for t in share if t != seq.tenant and running[seq.rank, t] - 1 >= share[t]]
+        if not over:
+            return None, ""
+        richest = max(over, key=lambda t: running[seq.rank, t] / self.weight(t))
+        victims = [s for s in self.running if s.rank == seq.rank and s.tenant == richest]
+        return max(victims, key=lambda s: s.order), "fair_share"
+
+    def _slot_shares(self, rank: int, running: Counter) -> dict[str, float]:
+        """Each tenant's weighted share of the slots class `rank` may use (those better classes do not hold)."""
+        tenants = set(self.queues[rank]) | {t for (r, t), n in running.items() if r == rank and n > 0}
+        slots = self.max_num_seqs - sum(n for (r, _), n in running.items() if r < rank)
+        total = sum(self.weight(t) for t in tenants)
+        return {t: slots * self.weight(t) / total for t in tenants}
+
+    # bookkeeping ---------------------------------------------------------------------------------
+    def _enqueue(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        seq.waiting_since = self.clock()
+        bisect.insort(self.queues[seq.rank].setdefault(seq.tenant, []), seq, key=_queue_order)
+        self.num_waiting += 1
+        self.waiting_by_class[seq.rank] += 1
+        self.tenant_waiting[seq.tenant] = self.tenant_waiting.get(seq.tenant, 0) + 1
+
+    def _dequeue(self, seq: Sequence) -> None:
+        tenants = self.queues[seq.rank]
+        tenants[seq.tenant].remove(seq)
+        if not tenants[seq.tenant]:
+            del tenants[seq.tenant]
+        self.num_waiting -= 1
+        self.waiting_by_class[seq.rank] -= 1
+        _decrement(self.tenant_waiting, seq.tenant)
+
+    def _count_work(self, tenant: str, change: int) -> None:
+        before = self.tenant_work.get(tenant, 0)
+        if before == 0:
+            self.active_weight += self.weight(tenant)
+        self.tenant_work[tenant] = before + change
+        if before + change == 0:
+            del self.tenant_work[tenant]
+            self.active_weight -= self.weight(tenant)
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]

@@ -10,6 +10,7 @@ import torch
 
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.sampling_params import SamplingParams
+from app.qos import class_rank
 
 
 class SequenceStatus(Enum):
@@ -55,6 +56,9 @@ class Sequence:
         self.request_id = request_id
         self.priority = priority  # lower runs first (vLLM's convention)
         self.tenant = tenant  # whose share of the engine it uses (an API key's id; "" for none)
+        self.rank = class_rank(priority)  # its priority class: 0 interactive, 1 standard, 2 batch
+        self.order = 0  # arrival order, set by the scheduler: older first among equals
+        self.waiting_since = time.monotonic()  # when it last joined the queue (arrival, or preemption)
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.params = params
