@@ -158,6 +158,12 @@ def proxy_host() -> str:
     return ray.get(_get_global_client()._controller.get_http_config.remote(), timeout=30).host
 
 
+def unmatched_policies(auth: AuthConfig, store: KeyStore) -> list[str]:
+    """The auth.keys policies' key ids that name none of the configured keys (a typo, a retired key)."""
+    ids = {key_id(d) for d in store.digests}
+    return [policy.key_id for policy in auth.keys if policy.key_id not in ids]
+
+
 def describe(auth: AuthConfig, store: KeyStore) -> str:
     """The start-up line: what protects this server (never a key or its digest)."""
     if not auth.enabled:

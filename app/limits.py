@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from app.api.errors import ConduitError, unavailable
 from app.config import RateLimitConfig
+from app.qos import PriorityClass, capped, class_of
 
 log = logging.getLogger("ray.serve")
 WINDOW_S = 60
@@ -91,10 +92,14 @@ class Call:
     charge: Callable[[int], None] = _no_charge  # tokens used after the fact (embeddings), for tokens-per-minute
     budget: Budget = field(default_factory=Budget)
     tenant: str = ""  # the admitted key's id: whose share of the engine its sequences use
+    max_class: PriorityClass = "interactive"  # the best class its key may ask for (auth.keys); default: no cap
+    ran_class: PriorityClass | None = None  # the class its sequences were sent at, for the response's header
 
     def scheduling(self, asked_priority: int) -> tuple[int, str]:
-        """The priority the engine runs this call at, and its tenant."""
-        return asked_priority, self.tenant
+        """The priority the engine runs this call at (the asked one, capped by the key's class), and its tenant."""
+        priority = capped(asked_priority, self.max_class)
+        self.ran_class = class_of(priority)
+        return priority, self.tenant
 
 
 current_call: ContextVar[Call] = ContextVar("conduit_call", default=Call())

@@ -108,7 +108,21 @@ CONDUIT = {spec.name: spec for spec in [
        REQUEST_LATENCY_BUCKETS, ("model_name", "route")),
     Spec("conduit:model_load_progress", "gauge",
          "A model replica's loading: finished stages / all stages (1 once it serves)."),
+    Spec("conduit:num_requests_running_by_class", "gauge", "Requests in model execution batches, by priority class.",
+         VLLM_LABELS + ("priority_class",)),
+    Spec("conduit:num_requests_waiting_by_class", "gauge", "Requests waiting to be processed, by priority class.",
+         VLLM_LABELS + ("priority_class",)),
+    Spec("conduit:num_requests_running_by_key", "gauge",
+         "Requests in model execution batches, by API key id (a sha256 prefix).", VLLM_LABELS + ("key",)),
+    Spec("conduit:num_requests_waiting_by_key", "gauge",
+         "Requests waiting to be processed, by API key id (a sha256 prefix).", VLLM_LABELS + ("key",)),
+    Spec("conduit:preemptions", "counter",
+         "Preemptions by cause: kv_cache (no free block), priority (a better class waited), fair_share (a key "
+         "below its share waited).", VLLM_LABELS + ("cause",)),
 ]}
+PRIORITY_CLASSES = ("interactive", "standard", "batch")  # app/qos.py's CLASSES (no import: the ingress loads this)
+PREEMPTION_CAUSES = ("kv_cache", "priority", "fair_share")  # the engine scheduler's
+FINISHED_REASONS = ("stop", "length", "abort", "error")
 
 # Ray Serve's own metric the dashboard counts replicas with (exported under this name by Ray)
 SERVE_REPLICA_HEALTHY = "ray_serve_deployment_replica_healthy"
@@ -149,6 +163,13 @@ def inc(name: str, value: float, **tags: str) -> None:
         ray_metric(name).inc(value, tags=tags)
 
 
+def start_at_zero(name: str, **tags: str) -> None:
+    """A counter's series at 0 before its first event (as vLLM starts its own), so that dashboards show
+    0 rather than no data and `rate()` sees the first increase. Ray's `Counter.inc` refuses 0; `_record`,
+    which it calls, takes it."""
+    ray_metric(name)._record(0, tags=tags)
+
+
 def observe(name: str, value: float, **tags: str) -> None:
     ray_metric(name).observe(value, tags=tags)
 
@@ -184,6 +205,14 @@ class ModelMetrics:
         self.tags = {"model_name": model_name, "engine": replica}
         self.block_size = block_size  # the engine counts prefix lookups in blocks, vLLM in tokens
         self._last_counters = {"vllm:prefix_cache_queries": 0, "vllm:prefix_cache_hits": 0, "vllm:num_preemptions": 0}
+        self._last_preemptions = dict.fromkeys(PREEMPTION_CAUSES, 0)
+        self._keys_shown: set[str] = set()  # keys whose per-key gauges were set last reading
+        for name in [*self._last_counters, "vllm:prompt_tokens", "vllm:generation_tokens"]:
+            start_at_zero(name, **self.tags)
+        for reason in FINISHED_REASONS:
+            start_at_zero("vllm:request_success", finished_reason=reason, **self.tags)
+        for cause in PREEMPTION_CAUSES:
+            start_at_zero("conduit:preemptions", cause=cause, **self.tags)
 
     async def track(self, request_id: str, stream: AsyncIterator) -> AsyncIterator:
         """Pass a request's stream of deltas through, recording them; logs its start and end."""
@@ -247,6 +276,23 @@ class ModelMetrics:
         for name, value in current.items():
             inc(name, value - self._last_counters[name], **self.tags)
         self._last_counters = current
+        self._record_scheduling(stats)
+
+    def _record_scheduling(self, stats) -> None:
+        """Running and waiting by priority class and by key, and preemptions by cause."""
+        for cls in PRIORITY_CLASSES:
+            tags = {"priority_class": cls, **self.tags}
+            ray_metric("conduit:num_requests_running_by_class").set(stats.running_by_class.get(cls, 0), tags=tags)
+            ray_metric("conduit:num_requests_waiting_by_class").set(stats.waiting_by_class.get(cls, 0), tags=tags)
+        keys = set(stats.running_by_key) | set(stats.waiting_by_key)
+        for key in keys | self._keys_shown:  # a key that left shows 0 once, then is no longer set
+            tags = {"key": key or "none", **self.tags}
+            ray_metric("conduit:num_requests_running_by_key").set(stats.running_by_key.get(key, 0), tags=tags)
+            ray_metric("conduit:num_requests_waiting_by_key").set(stats.waiting_by_key.get(key, 0), tags=tags)
+        self._keys_shown = keys
+        for cause, count in stats.preemptions_by_cause.items():
+            inc("conduit:preemptions", count - self._last_preemptions.get(cause, 0), cause=cause, **self.tags)
+        self._last_preemptions = dict(stats.preemptions_by_cause)
 
     def poll(self, read_stats, interval_s: float = 1.0) -> threading.Thread:
         """Record `read_stats()` every `interval_s` in a daemon thread."""
@@ -298,7 +344,9 @@ def republish(exports: list[str]):
                 labels = {k: v for k, v in sample.labels.items() if k not in RAY_ONLY_LABELS}
                 out.add_sample(name + sample.name[len(family.name):], labels, sample.value)
     for spec in [*VLLM.values(), *CONDUIT.values()]:
-        families.setdefault(spec.name, Metric(spec.name, spec.help, spec.kind))
+        family = families.setdefault(spec.name, Metric(spec.name, spec.help, spec.kind))
+        if spec.kind == "counter" and not family.samples:  # nothing counted yet anywhere: 0, not absent
+            family.add_sample(spec.name + "_total", {}, 0.0)
     return list(families.values())
 
 

@@ -1,6 +1,8 @@
 """Admission of one HTTP call, before any route runs, in this order: its Host (421 unless loopback,
 when no keys are configured), its API key (401; probe paths take GET/HEAD only, 405), the ingress
-replica's capacity (503), its key's rate limits (429) and its deadline. The result travels to the Pipeline in `app.limits.current_call`."""
+replica's capacity (503), its key's rate limits (429) and its deadline. The result travels to the Pipeline in `app.limits.current_call`,
+with the key's scheduling policy (auth.keys: its tenant id and best priority class); the response
+says which class its generation ran at (`x-conduit-priority`)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import ConduitError, invalid, unavailable
 from app.auth import (KeyStore, check_exposure, describe, loopback_host, missing_or_wrong, open_paths,
-                      presented_key, probe_paths, proxy_host)
+                      presented_key, probe_paths, proxy_host, unmatched_policies)
 from app.config import AppConfig
 from app.limits import Budget, Call, RateLimiter, counter_actor, current_call
+from app.qos import PRIORITY_HEADER
 
 log = logging.getLogger("ray.serve")
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; a client may shorten ingress.request_timeout_s
@@ -40,6 +43,8 @@ class Gate:
         check_exposure(config.auth, proxy_host())  # refuses to start: no keys on a public host
         keys = KeyStore.from_config(config.auth) if config.auth.enabled else None
         log.info(describe(config.auth, keys or KeyStore([])))
+        for unmatched in unmatched_policies(config.auth, keys or KeyStore([])):
+            log.warning("auth.keys: no configured API key has the id %s; its policy applies to nobody", unmatched)
         limits = config.rate_limits
         limiter = None
         if limits.requests_per_minute or limits.tokens_per_minute:
@@ -89,6 +94,8 @@ class Gate:
             finally:
                 current_call.reset(token)
             response.headers.update(headers)
+            if call.ran_class is not None:  # it generated: the class it ran at, after the key's cap
+                response.headers[PRIORITY_HEADER] = call.ran_class
             return response
 
         return admit_call
@@ -96,10 +103,11 @@ class Gate:
     async def admit(self, request: Request, key: str, now: float) -> tuple[Call, dict[str, str]]:
         """(the call's context, headers for its response); raises 429 / 400."""
         deadline = now + self.timeout(request.headers.get(TIMEOUT_HEADER))
+        scheduling = {"tenant": key, "max_class": self.config.auth.policy(key).max_class}
         if self.limiter is None or request.method != "POST":  # only work is rate-limited, not reads
-            return Call(deadline), {}
+            return Call(deadline, **scheduling), {}
         headers = await self.limiter.admit(key)
-        return Call(deadline, partial(self.limiter.charge, key), Budget(self.limiter, key)), headers
+        return Call(deadline, partial(self.limiter.charge, key), Budget(self.limiter, key), **scheduling), headers
 
     def timeout(self, asked: str | None) -> float:
         limit = self.config.ingress.request_timeout_s

@@ -179,3 +179,31 @@ def test_the_whole_replica_refuses_past_twice_its_queue():
         while s.queue_full(tenant, 8) is None:
             s.add(seq("x", tenant))
     assert s.num_waiting == 16 and s.queue_full("z", 8) == "The model's queue is full; retry shortly."
+
+
+def test_a_key_asking_above_its_class_is_capped_and_the_call_says_which_ran():
+    from app.limits import Call
+
+    for max_class, asked, ran in [("interactive", -3, (-3, "interactive")), ("standard", -3, (0, "standard")),
+                                  ("batch", -3, (1, "batch")), ("batch", 0, (1, "batch")),
+                                  ("standard", 5, (5, "batch")), ("interactive", 0, (0, "standard"))]:
+        call = Call(tenant="k", max_class=max_class)
+        priority, tenant = call.scheduling(asked)
+        assert (priority, call.ran_class) == ran and tenant == "k"
+
+
+def test_key_policies_in_the_config():
+    import pytest
+
+    from app.config import ConfigError, parse_app_config
+
+    models = [{"name": "m", "source": "x"}]
+    config = parse_app_config({"models": models, "auth": {"keys": [
+        {"key_id": "0123456789ab", "max_class": "interactive", "weight": 3}]}})
+    assert config.models[0].engine.tenant_weights == {"0123456789ab": 3.0}
+    assert config.auth.policy("0123456789ab").max_class == "interactive"
+    assert (config.auth.policy("ffffffffffff").max_class, config.auth.policy("anonymous").weight) == ("standard", 1.0)
+    for bad in [{"key_id": "sk-secret", "weight": 1}, {"key_id": "0123456789ab", "weight": 0},
+                {"key_id": "0123456789ab", "max_class": "urgent"}]:
+        with pytest.raises(ConfigError, match=r"args\.auth\.keys\[0\]"):
+            parse_app_config({"models": models, "auth": {"keys": [bad]}})

@@ -67,9 +67,11 @@ def test_republished_under_vllm_names_from_every_node():
     assert {s.name for s in ttft.samples} == {"vllm:time_to_first_token_seconds" + x for x in ("_bucket", "_count", "_sum")}
     assert len(families["ray_serve_deployment_replica_healthy"].samples) == 2
     assert "ray_node_cpu_utilization" not in families  # only Conduit's, vLLM's and Serve's families
-    # metrics nobody recorded yet are announced, without samples
+    # metrics nobody recorded yet are announced: a counter at 0, other kinds without samples
     assert set(VLLM) | set(CONDUIT) <= set(families)
-    assert families["vllm:num_preemptions"].samples == []
+    assert [(s.name, s.labels, s.value) for s in families["vllm:num_preemptions"].samples] == [
+        ("vllm:num_preemptions_total", {}, 0.0)]
+    assert families["vllm:num_requests_waiting"].samples == []
 
 
 def test_access_line_has_the_fields_and_no_prompt_unless_asked():
