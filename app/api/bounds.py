@@ -26,6 +26,8 @@ Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 # the server are ingress.input_limits, checked in the Pipeline)
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 PositiveCount = Annotated[int, Field(gt=0, le=2**31 - 1)]
+# vLLM's scheduling priority (lower runs first); the key's policy caps it (app/limits.py Call.scheduling)
+Priority = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 
 
 def zero_or_usable_penalty(value: float) -> float:

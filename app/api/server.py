@@ -1,16 +1,15 @@
 """The ingress's HTTP app: one FastAPI app with every wire format's routes mounted on it.
 
-Each adapter (openai.py, anthropic.py, ...) returns an `Adapter`: its routes, built around the shared
-`Pipeline`, and how its errors look on the wire. Errors from any layer are `ConduitError`s; the
+Each wire adapter (app/api/wire/: openai.py, anthropic.py, ...) registers an `Adapter` builder
+(app/api/adapter.py): its routes, built around the shared `Pipeline`, and how its errors look on the
+wire. Errors from any layer are `ConduitError`s; the
 handlers here render them in the shape of the API whose path was called."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
@@ -18,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from app import access_log, metrics
+from app.api.adapter import build_adapters
 from app.api.errors import ConduitError
 from app.api.gate import Authenticate, Gate, InFlightCap, ingress_capacity, route_path
 from app.api.input_limits import BodyGuard, CloseUnread
@@ -25,19 +25,6 @@ from app.api.pipeline import Pipeline
 from app.config import AppConfig
 
 REQUEST_ID_HEADER = "x-request-id"
-
-
-@dataclass
-class Adapter:
-    router: APIRouter
-    error_response: Callable[[ConduitError], Response]
-    prefixes: tuple[str, ...] = ()  # paths whose errors take this adapter's shape
-    paths: tuple[str, ...] = ()  # exact paths likewise (TGI's `POST /` must not claim every path)
-
-
-def request_id(request: Request) -> str:
-    """The client's x-request-id, or one made for this request (see the middleware below)."""
-    return request.state.request_id
 
 
 def validation_error(exc: RequestValidationError) -> ConduitError:
@@ -54,12 +41,8 @@ def validation_error(exc: RequestValidationError) -> ConduitError:
 
 
 def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
-    from app.api import anthropic, azure, bedrock, cloudflare, embeddings, openai, tgi, vertex  # adapters import server.Adapter
-
-    adapters = [openai.routes(pipeline), anthropic.routes(pipeline), bedrock.routes(pipeline),
-                azure.routes(pipeline), tgi.routes(pipeline), cloudflare.routes(pipeline), embeddings.routes(pipeline),
-                vertex.routes(pipeline)]
-    default = adapters[0]  # OpenAI's error shape wherever no other adapter claims the path
+    adapters = build_adapters(pipeline, config)
+    default = next(a for a in adapters if a.default)  # OpenAI's error shape wherever no adapter claims the path
 
     def error_response(request: Request, err: ConduitError) -> Response:
         path = route_path(request)

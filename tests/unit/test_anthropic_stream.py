@@ -12,9 +12,9 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 
-from app.api import anthropic as adapter
 from app.api.errors import ConduitError
 from app.api.protocol import GenerateRequest, ToolSpec
+from app.api.wire import anthropic as adapter
 from app.engine.engine import RequestOutput
 from app.engine.sampling_params import SamplingParams
 
@@ -39,7 +39,7 @@ def base_url():
         request.state.request_id = "r1"
         return await call_next(request)
 
-    app.include_router(adapter.routes(FailingPipeline()).router)
+    app.include_router(adapter.routes(FailingPipeline(), None).router)  # the Anthropic routes read no config
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

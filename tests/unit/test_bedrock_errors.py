@@ -8,9 +8,9 @@ import botocore.session
 import pytest
 from botocore.parsers import RestJSONParser
 
-from app.api import bedrock
-from app.api.bedrock import error_response
 from app.api.errors import ConduitError
+from app.api.wire import bedrock
+from app.api.wire.bedrock import error_response
 
 
 @pytest.fixture(scope="module")

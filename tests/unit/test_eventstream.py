@@ -5,7 +5,7 @@ import pytest
 from botocore.eventstream import ChecksumMismatch, EventStream, EventStreamBuffer, EventStreamError
 from botocore.parsers import EventStreamJSONParser
 
-from app.api import eventstream
+from app.api.wire import eventstream
 
 
 class Chunks:

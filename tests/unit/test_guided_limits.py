@@ -8,11 +8,10 @@ import threading
 import pytest
 
 from app.api.errors import ConduitError
-from app.api.openai_extras import check
 from app.api.protocol import GenerateRequest, ToolSpec
 from app.api.tools import constrain
-from app.engine.guided import (COMPILE_WORKERS, CompilerBusy, CompileTimeout, GuidedCompiler, bounded,
-                               compile_with_limit)
+from app.api.wire.openai_extras import check
+from app.engine.guided import COMPILE_WORKERS, CompilerBusy, CompileTimeout, GuidedCompiler, bounded, compile_with_limit
 from app.engine.sampling_params import GuidedDecoding, SamplingParams
 from app.engine.schema_limits import MAX_SCHEMA_BYTES, SchemaError, check_schema, pattern_repeats
 from tests.unit.test_logprobs_guided import PERSON

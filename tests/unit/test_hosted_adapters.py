@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from app.api import cloudflare, tgi
 from app.api.errors import ConduitError, model_not_found
+from app.api.wire import cloudflare, tgi
 from app.engine.engine import RequestOutput
 from app.engine.logprobs import Logprob, TokenLogprobs
 

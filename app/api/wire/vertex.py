@@ -20,11 +20,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app.api.adapter import Adapter, adapter, request_id
 from app.api.errors import ConduitError
-from app.api.openai import ChatMessage, ResponseBuilder, StreamOptions, _Request
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
+from app.api.wire.openai import ChatMessage, ResponseBuilder, StreamOptions, _Request
 from app.auth import HEALTH_PATH
+from app.config import AppConfig
 from app.engine.engine import RequestOutput
 
 DEFAULT_PREDICT_ROUTE = "/predict"
@@ -101,9 +103,8 @@ def error_response(err: ConduitError) -> JSONResponse:
                         status_code=err.status)
 
 
-def routes(pipeline: Pipeline):
-    from app.api.server import Adapter, request_id
-
+@adapter
+def routes(pipeline: Pipeline, config: AppConfig):
     predict_route = os.environ.get("AIP_PREDICT_ROUTE") or DEFAULT_PREDICT_ROUTE
     health_route = os.environ.get("AIP_HEALTH_ROUTE") or HEALTH_PATH  # server.py's own /health when unset
     default_model = next(iter(pipeline.models.ids.values()))  # the first configured model

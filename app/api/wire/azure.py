@@ -13,10 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from app.api.embeddings import EmbeddingRequest, embedding_response
+from app.api.adapter import Adapter, adapter, request_id
 from app.api.errors import ConduitError
-from app.api.openai import ChatCompletionRequest, CompletionRequest, error_body, respond
 from app.api.pipeline import Pipeline
+from app.api.wire.embeddings import EmbeddingRequest, embedding_response
+from app.api.wire.openai import ChatCompletionRequest, CompletionRequest, error_body, respond
+from app.config import AppConfig
 
 PREFIX = "/openai/deployments"
 
@@ -40,9 +42,8 @@ def parse_body(schema: type[BaseModel], body: dict, model: str) -> BaseModel:
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
 
 
-def routes(pipeline: Pipeline):
-    from app.api.server import Adapter, request_id
-
+@adapter
+def routes(pipeline: Pipeline, config: AppConfig):
     router = APIRouter()
 
     def parse(request: Request, deployment: str, schema: type[BaseModel], body: dict) -> BaseModel:

@@ -14,9 +14,11 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.adapter import Adapter, adapter
 from app.api.bounds import PositiveCount
-from app.api.openai import error_body
 from app.api.pipeline import Pipeline
+from app.api.wire.openai import error_body
+from app.config import AppConfig
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
@@ -53,9 +55,8 @@ def embedding_response(model: str, vectors: np.ndarray, prompt_tokens: int, enco
     }
 
 
-def routes(pipeline: Pipeline):
-    from app.api.server import Adapter
-
+@adapter
+def routes(pipeline: Pipeline, config: AppConfig):
     router = APIRouter()
 
     @router.post("/v1/embeddings")

@@ -18,11 +18,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.api import eventstream
+from app.api.adapter import Adapter, adapter, request_id
 from app.api.bounds import PositiveCount, real
 from app.api.errors import ConduitError, stream_failure
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
+from app.api.wire import eventstream
+from app.config import AppConfig
 from app.engine.engine import RequestOutput
 from app.engine.sampling_params import SamplingParams
 
@@ -182,9 +184,8 @@ async def converse_events(stream, started: float):
 
 
 # routes ---------------------------------------------------------------------------------------
-def routes(pipeline: Pipeline):
-    from app.api.server import Adapter, request_id
-
+@adapter
+def routes(pipeline: Pipeline, config: AppConfig):
     router = APIRouter()
 
     @router.post("/model/{model_id:path}/converse")

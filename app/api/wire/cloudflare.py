@@ -16,11 +16,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from app.api.adapter import Adapter, adapter, request_id
 from app.api.bounds import PositiveCount, real, zero_or_usable_penalty
 from app.api.errors import ConduitError, stream_failure
-from app.api.openai import SSE_DONE, sse
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
+from app.api.wire.openai import SSE_DONE, sse
+from app.config import AppConfig
 from app.engine.engine import RequestOutput
 from app.engine.sampling_params import SamplingParams
 
@@ -130,9 +132,8 @@ async def response_events(stream):
 
 
 # routes ---------------------------------------------------------------------------------------
-def routes(pipeline: Pipeline):
-    from app.api.server import Adapter, request_id
-
+@adapter
+def routes(pipeline: Pipeline, config: AppConfig):
     router = APIRouter()
 
     @router.post(PREFIX + "{account_id}/ai/run/{model:path}")

@@ -24,11 +24,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.api.adapter import Adapter, adapter, request_id
 from app.api.bounds import INT64_MAX, MIN_REPETITION_PENALTY, PositiveCount, real
 from app.api.errors import ConduitError, invalid, stream_failure
-from app.api.openai import sse
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
+from app.api.wire.openai import sse
+from app.config import AppConfig
 from app.engine.engine import RequestOutput
 from app.engine.logprobs import Logprob
 from app.engine.sampling_params import GuidedDecoding, SamplingParams
@@ -245,9 +247,8 @@ async def token_events(stream, body: GenerateBody, seed: int | None) -> AsyncIte
 
 
 # routes ---------------------------------------------------------------------------------------
-def routes(pipeline: Pipeline):
-    from app.api.server import Adapter, request_id
-
+@adapter
+def routes(pipeline: Pipeline, config: AppConfig):
     router = APIRouter()
     default_model = next(iter(pipeline.models.ids.values()))  # the first configured model
 

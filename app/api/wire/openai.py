@@ -12,13 +12,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.api import tools
-from app.api.bounds import MIN_REPETITION_PENALTY, Count, PositiveCount, Seed, real
+from app.api.adapter import Adapter, adapter, request_id
+from app.api.bounds import MIN_REPETITION_PENALTY, Count, PositiveCount, Priority, Seed, real
 from app.api.errors import ConduitError, invalid, stream_failure
-from app.api.openai_extras import (
-    ChatTool, MessageToolCall, ResponseFormat, ToolChoice, chat_logprobs, completion_logprobs, tool_call_json,
-)
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest
+from app.api.wire.openai_extras import (
+    ChatTool,
+    MessageToolCall,
+    ResponseFormat,
+    ToolChoice,
+    chat_logprobs,
+    completion_logprobs,
+    tool_call_json,
+)
+from app.config import AppConfig
 from app.engine.engine import RequestOutput
 from app.engine.sampling_params import SamplingParams
 
@@ -45,6 +53,7 @@ class _Request(BaseModel):
     repetition_penalty: real(ge=MIN_REPETITION_PENALTY, le=10) = 1.0
     ignore_eos: bool = False
     min_tokens: Count = 0
+    priority: Priority = 0
 
     def sampling(self, max_tokens: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -141,6 +150,7 @@ class ChatCompletionRequest(_Request):
             max_tokens_given=max_tokens is not None,
             stream=self.stream,
             n=self.n,
+            priority=self.priority,
         )
         self._tools_to_internal(req)
         return req
@@ -185,6 +195,7 @@ class CompletionRequest(_Request):
             stream=self.stream,
             n=self.n,
             suffix=self.suffix,
+            priority=self.priority,
         )
 
 
@@ -352,9 +363,8 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 # routes ---------------------------------------------------------------------------------------
-def routes(pipeline: Pipeline):
-    from app.api.server import Adapter, request_id
-
+@adapter
+def routes(pipeline: Pipeline, config: AppConfig):
     router = APIRouter()
 
     @router.post("/v1/chat/completions")
@@ -383,7 +393,7 @@ def routes(pipeline: Pipeline):
     async def detokenize(body: DetokenizeRequest):
         return {"prompt": await pipeline.detokenize(body.model, body.tokens)}
 
-    return Adapter(router, lambda err: JSONResponse(error_body(err), status_code=err.status))
+    return Adapter(router, lambda err: JSONResponse(error_body(err), status_code=err.status), default=True)
 
 
 async def respond(pipeline: Pipeline, rid: str, kind: str, body: ChatCompletionRequest | CompletionRequest):

@@ -12,11 +12,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from app.api import tools
+from app.api.adapter import Adapter, adapter, request_id
 from app.api.bounds import Count, PositiveCount, real
 from app.api.errors import ConduitError, invalid, stream_failure
-from app.api.openai_extras import FunctionName, check
 from app.api.pipeline import Pipeline
 from app.api.protocol import GenerateRequest, ToolSpec
+from app.api.wire.openai_extras import FunctionName, check
+from app.config import AppConfig
 from app.engine.engine import RequestOutput
 from app.engine.sampling_params import GuidedDecoding, SamplingParams
 
@@ -394,9 +396,8 @@ async def stream_events(message_id: str, model: str, blocks: BlockEvents, stream
 
 
 # routes ---------------------------------------------------------------------------------------
-def routes(pipeline: Pipeline):
-    from app.api.server import Adapter, request_id
-
+@adapter
+def routes(pipeline: Pipeline, config: AppConfig):
     router = APIRouter()
 
     # x-api-key / authorization and anthropic-version are accepted as the SDK sends them; the
