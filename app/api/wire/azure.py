@@ -2,7 +2,7 @@
 `/openai/deployments/{deployment}/...?api-version=...` (chat/completions, completions, embeddings).
 The deployment in the path names a configured model (its name or an alias; an embedding model for
 embeddings) and overrides any `model` in the body, which Azure does not require. Schemas, response
-building and streaming are the OpenAI and embeddings adapters' own (app/api/openai.py, embeddings.py).
+building and streaming are the OpenAI and embeddings adapters' own (app/api/wire/openai.py, embeddings.py).
 
 The `api-key` header the Azure SDKs send carries the API key (app/auth.py reads it)."""
 

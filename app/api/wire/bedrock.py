@@ -2,7 +2,7 @@
 `/model/{modelId}/converse-stream`, as boto3's `bedrock-runtime` client calls them.
 
 Requests become a chat `GenerateRequest`; results come back as Converse's JSON, or as AWS
-event-stream messages (app/api/eventstream.py). Errors carry `x-amzn-ErrorType`, which is what makes
+event-stream messages (app/api/wire/eventstream.py). Errors carry `x-amzn-ErrorType`, which is what makes
 boto3 raise its own exception classes (`client.exceptions.ValidationException`, ...). Any SigV4
 signature is accepted: authentication is not this adapter's job."""
 
