@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	mkdir -p data  # the store's SQLite file (store.url in serve_config.yaml)
 	$(VENV)/bin/conduit run serve_config.yaml
 
 # Each in a pytest process of its own, after the rest (known issue, not yet understood): in one session
@@ -30,11 +31,17 @@ ISOLATED := tests/e2e/test_metrics.py tests/e2e/test_prometheus.py tests/e2e/tes
 # tests/e2e/test_prometheus.py scrapes Conduit with a real Prometheus (Debian's package)
 PROMETHEUS := $(shell command -v prometheus)
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# tests/pg_server.py starts a real PostgreSQL server (Debian's package) for the store's tests
+POSTGRES   := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 
 test: $(STAMP)
 ifeq ($(PROMETHEUS),)
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus
+endif
+ifeq ($(POSTGRES),)
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends postgresql
 endif
 	$(PY) -m pytest -q tests $(ISOLATED:%=--ignore=%)
 	$(foreach t,$(ISOLATED),$(PY) -m pytest -q $(t) &&) true

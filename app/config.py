@@ -280,6 +280,16 @@ class LogConfig(Strict):
     log_prompts: bool = Field(False, description="put prompts and outputs in the access log (off: counts only)")
 
 
+class StoreConfig(Strict):
+    """Where stored Responses live (docs/responses.md): a SQLAlchemy URL. SQLite's relative paths are
+    taken from the project's root; a cluster whose ingress replicas run on several nodes needs a
+    shared server (PostgreSQL: postgresql://user:password@host/db)."""
+
+    url: str = Field("sqlite:///data/conduit.db", min_length=1, description="SQLAlchemy URL of the store")
+    retention_days: float = Field(30, gt=0, description="stored responses older than this are deleted")
+    sweep_interval_s: float = Field(3600, gt=0, description="how often each ingress replica deletes expired ones")
+
+
 class AppConfig(Strict):
     models: list[ModelConfig] = Field(min_length=1)
     embedding_models: list[EmbeddingModelConfig] = Field(default_factory=list)
@@ -287,6 +297,7 @@ class AppConfig(Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
     logging: LogConfig = Field(default_factory=LogConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
 
     @model_validator(mode="after")
     def _weights_reach_the_engines(self) -> AppConfig:
