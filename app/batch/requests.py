@@ -1,0 +1,62 @@
+"""A batch line's body as the online route reads it, and its answer as the route writes it: the
+OpenAI adapter's own request models validate the body, and its `ResponseBuilder` builds the
+response body, so a batch answer is the chat (or completions) route's answer, byte for byte but
+for ids and timestamps. Refusals are `ConduitError`s, rendered as the route renders them."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from app.api.errors import ConduitError, model_not_found
+from app.api.protocol import GenerateRequest
+from app.api.server import validation_error
+from app.api.wire.openai import ChatCompletionRequest, CompletionRequest, ResponseBuilder, error_body
+from app.batch.lines import BatchLine, response_line
+from app.engine.engine import RequestOutput
+
+BODY_MODELS = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
+ID_PREFIX = {"chat": "chatcmpl-", "completion": "cmpl-"}
+
+
+@dataclass
+class LineRequest:
+    """A line whose body the route would take: the parsed body and its internal request."""
+
+    line: BatchLine
+    request_id: str
+    body: ChatCompletionRequest | CompletionRequest
+    req: GenerateRequest
+
+
+def to_request(line: BatchLine, model_ids: set[str], model_name: str) -> LineRequest:
+    """Validate `line`'s body as its route does (ConduitError naming the field when it would not).
+    `model_ids`: the ids this job serves (the model's name and aliases), resolved to `model_name`."""
+    try:
+        body = BODY_MODELS[line.kind].model_validate(line.body)
+    except ValidationError as e:
+        raise validation_error(RequestValidationError(e.errors())) from None
+    if body.stream:
+        raise ConduitError("stream is not supported in a batch: each line gets one whole response", param="stream")
+    if body.model not in model_ids:
+        raise model_not_found(body.model)
+    request_id = uuid.uuid4().hex
+    req = body.to_internal(request_id)
+    req.model = model_name
+    return LineRequest(line, request_id, body, req)
+
+
+def answer_line(request: LineRequest, outs: list[RequestOutput], echo: str | None) -> str:
+    """The output line of a finished request: `outs` one per choice, in choice order; `echo`: the
+    prompt's text for completions that asked for `echo`."""
+    kind = request.line.kind
+    builder = ResponseBuilder(kind, ID_PREFIX[kind] + request.request_id, request.body.model, False, request.req, echo)
+    return response_line(request.line.custom_id, 200, request.request_id, builder.complete(outs))
+
+
+def refusal_line(custom_id: str, err: ConduitError, request_id: str | None = None) -> str:
+    """The output line of a request the route would refuse: its status code and error body."""
+    return response_line(custom_id, err.status, request_id or uuid.uuid4().hex, error_body(err))
