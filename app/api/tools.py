@@ -71,6 +71,18 @@ def parse_forced(text: str, id_prefix: str = "call_") -> list[ToolCall]:
     return [ToolCall(new_call_id(id_prefix), *call)] if call else []
 
 
+def cut_call(text: str, tools: list[ToolSpec], name: str | None = None, id_prefix: str = "call_") -> ToolCall:
+    """A forced call cut short (max_tokens, a stop string), as a call all the same, as OpenAI returns
+    it: its name, and its arguments as far as they were written. A name cut short is the named tool,
+    else the first of `tools` whose name begins with what was written (the grammar allows no other)."""
+    head = text[len(ForcedCallStream.HEAD):]
+    written, marker, arguments = head.partition(ForcedCallStream.ARGS)
+    if not marker:
+        written, arguments = written.partition('"')[0], ""
+        name = name or next((t.name for t in tools if t.name.startswith(written)), tools[0].name)
+    return ToolCall(new_call_id(id_prefix), name or written, arguments)
+
+
 def parse_auto(text: str, tools: list[ToolSpec], id_prefix: str = "call_") -> tuple[str | None, list[ToolCall]]:
     """(remaining text or None, calls) from a model that was free to call `tools` or not."""
     names = {t.name for t in tools}
@@ -117,6 +129,10 @@ class ForcedCallStream:
         self.name: str | None = None
         self.sent = 0  # chars of ARGS passed on
 
+    def whole(self) -> bool:
+        """The call was written to its end (not cut short)."""
+        return _as_call(self.text, None) is not None
+
     def feed(self, delta: str, final: bool) -> tuple[str | None, str]:
         """(the call's name the first time it is known, else None; new argument text)."""
         self.text += delta
@@ -127,7 +143,9 @@ class ForcedCallStream:
                 return None, ""
             self.name = new_name = self.text[len(self.HEAD) : at]
             self.args_start = at + len(self.ARGS)
-        end = len(self.text) - 1 if final and self.text.endswith("}") else len(self.text) - (not final)
+        # the call's closing brace is held back, and dropped at the end of a whole call (one cut
+        # short may end in its arguments' own brace)
+        end = len(self.text) - 1 if final and self.whole() else len(self.text) - (not final)
         args = self.text[self.args_start + self.sent : max(end, self.args_start + self.sent)]
         self.sent += len(args)
         return new_name, args

@@ -7,7 +7,15 @@ import pytest
 from app.api.errors import ConduitError
 from app.api.fim import fim_ids
 from app.api.protocol import GenerateRequest, ToolSpec
-from app.api.tools import AutoCallStream, ForcedCallStream, call_schema, chat_template_inputs, parse_auto, parse_forced
+from app.api.tools import (
+    AutoCallStream,
+    ForcedCallStream,
+    call_schema,
+    chat_template_inputs,
+    cut_call,
+    parse_auto,
+    parse_forced,
+)
 from app.engine.sampling_params import SamplingParams
 
 TOOLS = [ToolSpec("get_weather", "weather", {"type": "object", "properties": {"city": {"type": "string"}}}),
@@ -90,3 +98,28 @@ def test_fim_ids_use_the_tokenizers_own_tokens(hf_model):
     with pytest.raises(ConduitError) as err:
         fim_ids(no_fim, [1], "x")
     assert err.value.param == "suffix" and err.value.status == 400
+
+
+CALL = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+
+
+@pytest.mark.parametrize("cut, name, arguments", [
+    (CALL[:2], "get_weather", ""),  # nothing of the name: the first tool
+    (CALL[:14], "get_weather", ""),  # `{"name": "get_`: the first tool whose name begins so
+    ('{"name": "get_t', "get_time", ""),
+    ('{"name": "get_weather", "arguments": {"city', "get_weather", '{"city'),
+    (CALL[:-1], "get_weather", '{"city": "Oslo"}'),  # only the call's own brace missing
+])
+def test_cut_call_is_a_call_with_what_was_written(cut, name, arguments):
+    call = cut_call(cut, TOOLS)
+    assert (call.name, call.arguments) == (name, arguments) and call.id.startswith("call_")
+    assert cut_call(cut, TOOLS, name="get_time").name == "get_time"  # a named tool is that tool
+
+
+@pytest.mark.parametrize("cut", [CALL[:20], CALL[:44], CALL[:-1], CALL])
+def test_forced_stream_passes_on_what_a_cut_call_wrote(cut):
+    stream, args = ForcedCallStream(), ""
+    for i in range(0, len(cut), 4):
+        args += stream.feed(cut[i : i + 4], final=i + 4 >= len(cut))[1]
+    assert args == cut_call(cut, TOOLS).arguments if cut != CALL else json.loads(args) == {"city": "Oslo"}
+    assert stream.whole() == (cut == CALL)

@@ -88,6 +88,10 @@ class ChatMessage(BaseModel):
 
     def to_internal(self, param: str) -> dict:
         """transformers' message format (see GenerateRequest.messages)."""
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            # as OpenAI: only an assistant message that makes calls may go without content
+            raise invalid(f"Missing required parameter: '{param}.content'.", f"{param}.content",
+                          "missing_required_parameter")
         message = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
@@ -255,6 +259,7 @@ class ResponseBuilder:
         self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
         self.tools = req.tools if req is not None and req.tool_choice != "none" else []
         self.forced = req is not None and tools.forced(req)
+        self.tool_name = req.tool_name if req is not None else None
         self.echo = echo
         self.call_streams: dict[int, tools.ForcedCallStream | tools.AutoCallStream] = {}  # per choice
         self.offsets: dict[int, int] = {}  # per choice: chars of text so far (completions' text_offset)
@@ -277,17 +282,20 @@ class ResponseBuilder:
 
     def _message(self, out: RequestOutput) -> tuple[dict, str | None]:
         if not self.tools:
-            return {"role": "assistant", "content": out.text}, out.finish_reason
-        if self.forced:
+            return {"role": "assistant", "content": out.text, "refusal": None}, out.finish_reason
+        whole = True
+        if self.forced:  # always a call, as OpenAI: one cut short (max_tokens) has partial arguments
             calls = tools.parse_forced(out.text)
-            content = None if calls else out.text  # cut short (max_tokens): what was written
+            whole = bool(calls)
+            calls = calls or [tools.cut_call(out.text, self.tools, self.tool_name)]
+            content = None
         else:
             content, calls = tools.parse_auto(out.text, self.tools)
-        message = {"role": "assistant", "content": content}
+        message = {"role": "assistant", "content": content, "refusal": None}
         if not calls:
             return message, out.finish_reason
         message["tool_calls"] = [tool_call_json(call) for call in calls]
-        return message, "tool_calls" if out.finish_reason == "stop" else out.finish_reason
+        return message, "tool_calls" if whole and out.finish_reason == "stop" else out.finish_reason
 
     def _completion_logprobs(self, index: int, out: RequestOutput, first: bool) -> dict | None:
         if out.logprobs is None:
@@ -300,7 +308,7 @@ class ResponseBuilder:
         """SSE `data:` lines for one (coalesced) engine delta of choice `index`."""
         lines = []
         if self.kind == "chat" and first:
-            delta = {"role": "assistant", "content": ""}
+            delta = {"role": "assistant", "content": "", "refusal": None}
             lines.append(self._chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None}))
         if out.text or out.finished or out.logprobs or (first and self.echo):
             if self.kind == "chat":
@@ -329,9 +337,10 @@ class ResponseBuilder:
                               "function": {"name": name, "arguments": arguments}})
             elif arguments:
                 calls.append({"index": 0, "function": {"arguments": arguments}})
-            if out.finished and stream.name is None:
-                content = stream.text  # cut short before a call took shape
-            made_call = stream.name is not None
+            if out.finished and stream.name is None:  # cut short before the call's name was written
+                call = tools.cut_call(stream.text, self.tools, self.tool_name)
+                calls.append(tool_call_json(call, 0))
+            made_call = out.finished and stream.whole()
         else:
             content = stream.feed(out.text)
             if out.finished:
