@@ -14,6 +14,8 @@ temperature, at the cost of q's [k, vocab] probabilities per sequence)."""
 
 from __future__ import annotations
 
+import torch
+
 from app.engine.block_manager import BlockManager
 from app.engine.model_runner import ModelRunner
 
@@ -47,14 +49,14 @@ class DraftSequence:
         """Catch up with the target's output; keep the cached K/V of the draft tokens it accepted."""
         confirmed = len(self.output_ids)
         new = output_ids[confirmed:]
-        if self.pending:
-            cached_draft = self.pending[:-1]  # the last draft token was never fed to the draft model
-            agreed = 0
-            while agreed < min(len(cached_draft), len(new)) and cached_draft[agreed] == new[agreed]:
-                agreed += 1
-            self.num_cached = min(self.num_cached, len(self.prompt_ids) + confirmed + agreed)
-            self.pending = []
+        cached_draft = self.pending[:-1]  # the last draft token was never fed to the draft model
+        agreed = 0
+        while agreed < min(len(cached_draft), len(new)) and cached_draft[agreed] == new[agreed]:
+            agreed += 1
+        self.pending = []
         self.output_ids.extend(new)
+        # the last token is always fed again: the forward that reads it gives the next token's logits
+        self.num_cached = min(self.num_cached, len(self.prompt_ids) + confirmed + agreed, self.num_tokens - 1)
 
 
 class DraftModelProposer:
@@ -63,6 +65,7 @@ class DraftModelProposer:
         self.runner = runner or ModelRunner(model, num_blocks, block_size)
         self.shadows: dict[str, DraftSequence] = {}
 
+    @torch.inference_mode()
     def propose(self, seqs: list, ks: list[int]) -> list[list[int]]:
         """seqs: engine Sequences (request_id, prompt_ids, output_ids); ks: the most draft tokens each may
         take. A sequence the draft's cache has no room for gets [] (it decodes plainly)."""
