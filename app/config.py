@@ -58,7 +58,8 @@ class EngineConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads; default: the replica's num_cpus")
     max_waiting: int = Field(
-        256, gt=0, description="requests waiting for a batch slot on one replica; more get 503 at once"
+        256, gt=0, description="requests waiting for a batch slot on one replica: each API key may hold its weighted "
+        "share of it (more of its requests get 503 at once), the replica as a whole twice it (docs/qos.md)"
     )
     tensor_parallel_size: int = Field(
         1, ge=1, le=64, description="worker processes (one device each) sharing every layer, in one placement group"
