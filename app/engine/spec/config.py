@@ -15,8 +15,8 @@ class SpeculativeConfig(Strict):
         "ngram", description="ngram: prompt lookup over the prompt and the output so far; draft_model: a smaller "
         "model with the same tokenizer, with its own paged KV cache on the same replica")
     num_speculative_tokens: int = Field(4, ge=1, le=16, description="draft tokens verified per sequence per step")
-    prompt_lookup_min: int = Field(2, ge=1, le=32, description="ngram: the shortest suffix looked up")
-    prompt_lookup_max: int = Field(4, ge=1, le=32, description="ngram: the longest suffix looked up (tried first)")
+    prompt_lookup_min: int = Field(1, ge=1, le=32, description="ngram: the shortest suffix looked up")
+    prompt_lookup_max: int = Field(3, ge=1, le=32, description="ngram: the longest suffix looked up (tried first)")
     draft_model: str | None = Field(None, min_length=1, description="draft_model: a local directory or model id")
     draft_num_kv_blocks: int | None = Field(
         None, gt=0, description="draft_model: its KV cache in blocks; default: as many as the target's")
