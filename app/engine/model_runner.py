@@ -24,132 +24,66 @@ import inspect
 
 import torch
 
+from app.engine.attention import PagedKVCache, query_tile, use_paged_attention
 from app.engine.sequence import Sequence
 
-
-class PagedKVCache:
-    """The object transformers' attention layers call `update()` on. Pools are allocated on first
-    use, from the shapes the model really produces (so head counts and dims need no config lookup)."""
-
-    def __init__(self, num_blocks: int, block_size: int):
-        self.block_size = block_size
-        self.pad_block = num_blocks  # the spare block that padding positions read
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-        self._plan = None  # (write rows, read rows, (batch, kv_len), real-token mask or None), per forward
-        self._gather: tuple[torch.Tensor, torch.Tensor] | None = None  # see _scratch
-
-    def plan(self, seqs: list[Sequence], num_new: list[int], device: torch.device,
-             lengths: list[int] | None = None) -> None:
-        """Before a forward: sequence i computes the `num_new[i]` tokens that end at `lengths[i]`
-        (default: all its tokens; right-aligned in the input, left padding) and attends to all of them."""
-        lengths = torch.tensor(lengths or [seq.num_tokens for seq in seqs])
-        new = torch.tensor(num_new)
-        kv_len = int(lengths.max())
-        width = -(-kv_len // self.block_size)
-        tables = torch.full((len(seqs), width), self.pad_block, dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            blocks = seq.block_ids[:width]  # a sequence may hold one block ahead of its tokens
-            tables[i, : len(blocks)] = torch.tensor(blocks)
-        rows = (tables[:, :, None] * self.block_size + torch.arange(self.block_size)).view(len(seqs), -1)[:, :kv_len]
-        positions = torch.arange(kv_len)[None, :]
-        rows[positions >= lengths[:, None]] = self.pad_block * self.block_size
-        write = rows[(positions >= (lengths - new)[:, None]) & (positions < lengths[:, None])]
-        q = int(new.max())
-        real = None if q == 1 else torch.arange(q)[None, :] >= (q - new)[:, None]
-        self._plan = (write.to(device), rows.reshape(-1).to(device), (len(seqs), kv_len),
-                      None if real is None else real.to(device))
-
-    def _pools(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer not in self.k:
-            _, heads, _, dim = like.shape
-            shape = ((self.pad_block + 1) * self.block_size, heads, dim)
-            self.k[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            self.v[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        return self.k[layer], self.v[layer]
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """key_states: [batch, heads, q, dim] for the new tokens; returns every token's K/V, padded."""
-        k, v = self._pools(layer_idx, key_states)
-        write, read, (batch, kv_len), real = self._plan
-        k[write] = self._real(key_states, real)
-        v[write] = self._real(value_states, real)
-        heads, dim = k.shape[1], k.shape[2]
-        out_k, out_v = self._scratch(read.numel(), k)
-        # [batch * kv_len, H, D] -> [batch, H, kv_len, D]: a strided view, which attention accepts
-        gathered_k = torch.index_select(k, 0, read, out=out_k).view(batch, kv_len, heads, dim).transpose(1, 2)
-        gathered_v = torch.index_select(v, 0, read, out=out_v).view(batch, kv_len, heads, dim).transpose(1, 2)
-        return gathered_k, gathered_v
-
-    def _scratch(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where a layer's gathered K/V go, reused by every layer (each layer's attention is done
-        before the next layer's update): a fresh multi-MB tensor per layer per step cost more than
-        the gather itself here (page faults on new memory)."""
-        if self._gather is None or self._gather[0].shape[0] < rows or self._gather[0].shape[1:] != like.shape[1:]:
-            shape = (rows * 3 // 2, *like.shape[1:])
-            self._gather = (torch.empty(shape, dtype=like.dtype, device=like.device),
-                            torch.empty(shape, dtype=like.dtype, device=like.device))
-        return self._gather[0][:rows], self._gather[1][:rows]
-
-    @staticmethod
-    def _real(states: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-        """[batch, H, q, D] -> [tokens, H, D]: the real (non-padding) tokens, row by row."""
-        tokens = states.transpose(1, 2)
-        return tokens[:, 0] if real is None else tokens[real]
+# (block table, token ids, start, end): one sequence computing its positions [start, end)
+Span = tuple[list[int], list[int], int, int]
 
 
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.cache = PagedKVCache(num_blocks, block_size)
+        use_paged_attention(self.model)
+        self.cache = PagedKVCache(num_blocks, block_size, self.device)
         # transformers 5 renamed `past_key_values` to `cache`; models not yet migrated take the old name
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._compile()
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 logits_to_keep: int = 1) -> torch.Tensor:
-        """[batch, logits_to_keep (0: every position), vocab] float32 logits."""
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            position_ids=positions.to(self.device),
-            attention_mask=mask.to(self.device),
-            **{self.cache_kwarg: self.cache},
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-        )
-        return out.logits.float()
+    @torch.inference_mode()
+    def _compile(self) -> None:
+        """Compile the attention kernel now rather than in the first requests: once for one token,
+        once for several (its token count is dynamic from then on). The rows it writes are block 0's,
+        which no sequence has yet."""
+        for tokens in (1, 2):  # one decode (one token per sequence), then prefills
+            for batch in (1, 2):
+                self._run([([0], list(range(tokens)), 0, tokens)] * batch, logits_to_keep=1)
 
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Compute each sequence's uncached tokens; returns last-token logits."""
-        return self._prefill([(seq, seq.num_cached, seq.num_tokens) for seq in seqs])[:, -1]
+        """Compute each sequence's uncached tokens; returns last-token logits [batch, vocab]."""
+        return self.forward([(seq, seq.num_cached, seq.num_tokens) for seq in seqs])
 
     def prefill_span(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Compute `seq`'s tokens [start, end) over its cached [0, start); returns every one's logits."""
-        return self._prefill([(seq, start, end)], logits_to_keep=0)[0]
-
-    def _prefill(self, spans: list[tuple[Sequence, int, int]], logits_to_keep: int = 1) -> torch.Tensor:
-        q = max(end - start for _, start, end in spans)
-        kv_len = max(end for _, _, end in spans)
-        input_ids = torch.zeros((len(spans), q), dtype=torch.long)
-        positions = torch.zeros((len(spans), q), dtype=torch.long)
-        mask = torch.zeros((len(spans), 1, q, kv_len), dtype=torch.bool)
-        mask[:, :, :, 0] = True  # padding rows attend somewhere, so they stay finite
-        keys = torch.arange(kv_len)
-        for i, (seq, start, end) in enumerate(spans):
-            n = end - start
-            input_ids[i, q - n :] = torch.tensor(seq.token_ids[start:end])
-            pos = torch.arange(start, end)
-            positions[i, q - n :] = pos
-            mask[i, 0, q - n :] = keys[None, :] <= pos[:, None]
-        seqs = [seq for seq, _, _ in spans]
-        self.cache.plan(seqs, [end - start for _, start, end in spans], self.device, [end for _, _, end in spans])
-        return self._forward(input_ids, positions, mask, logits_to_keep)
+        return self._run([(seq.block_ids, seq.token_ids[start:end], start, end)], logits_to_keep=0)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each running sequence."""
-        positions = torch.tensor([seq.num_tokens - 1 for seq in seqs])
-        kv_len = int(positions.max()) + 1
-        mask = (torch.arange(kv_len)[None, :] <= positions[:, None])[:, None, None, :]
-        input_ids = torch.tensor([[seq.last_token_id] for seq in seqs])
-        self.cache.plan(seqs, [1] * len(seqs), self.device)
-        return self._forward(input_ids, positions[:, None], mask)[:, -1]
+        """One token for each running sequence: [batch, vocab]."""
+        return self._run([(seq.block_ids, [seq.last_token_id], seq.num_tokens - 1, seq.num_tokens) for seq in seqs],
+                         logits_to_keep=0)
+
+    def forward(self, spans: list[tuple[Sequence, int, int]]) -> torch.Tensor:
+        """Any mix of prefills, prefix-cached prefills and decodes in one forward: (sequence, start,
+        end) computes its tokens [start, end) over its cached [0, start). Last-token logits [batch, vocab]."""
+        packed = [(seq.block_ids, seq.token_ids[start:end], start, end) for seq, start, end in spans]
+        last = torch.tensor([end - start for _, start, end in spans]).cumsum(0) - 1
+        return self._run(packed, logits_to_keep=last)
+
+    def _run(self, spans: list[Span], logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        """One forward over the spans' tokens packed in one row. `logits_to_keep`: the packed
+        positions whose logits to return (0: all). Float32 logits [positions, vocab]."""
+        input_ids = torch.tensor([token for _, tokens, _, _ in spans for token in tokens])
+        positions = torch.cat([torch.arange(start, end) for _, _, start, end in spans])
+        tile = query_tile(self.device, max(end - start for _, _, start, end in spans))
+        mask, rows = self.cache.plan([(blocks, start, end) for blocks, _, start, end in spans], tile)
+        out = self.model(
+            input_ids=input_ids[None].to(self.device),
+            position_ids=positions[None].to(self.device),
+            attention_mask=mask,
+            paged_rows=rows,
+            **{self.cache_kwarg: self.cache},
+            use_cache=True,
+            logits_to_keep=logits_to_keep if isinstance(logits_to_keep, int) else logits_to_keep.to(self.device),
+        )
+        return out.logits[0].float()

@@ -125,7 +125,7 @@ def test_admission_counts_blocks_used_not_max_model_len(hf_model, reference_gree
         engine.add_request(str(i), p, greedy(20))
     outputs = {out.request_id: list(out.token_ids) for out in engine.step()}
     assert engine.stats().num_running == 8 and engine.stats().kv_blocks_used == 8 * 2
-    assert engine.runner.cache.k[0].shape[0] == (24 + 1) * 16  # memory: the blocks (+ padding's), no more
+    assert engine.runner.cache.k[0].shape[0] == 24 * 16  # memory: the blocks, no more
     for rid, toks in run_all(engine).items():
         outputs[rid] += toks
     assert engine.stats().num_preemptions == 0

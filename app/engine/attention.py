@@ -1,0 +1,192 @@
+"""Conduit's paged KV cache and the attention that reads it where it lies, with no gather.
+
+Layout: per layer, one pool of `num_blocks * block_size` token rows `[row, kv_head, head_dim]`; a
+sequence's position p lives in row `block_ids[p // block_size] * block_size + p % block_size`.
+
+A forward is packed ("varlen"): the new tokens of every sequence in the batch, one after another in
+a single row of `T` tokens (no padding), whether each sequence computes one token (decode), its
+whole prompt (prefill), the part after a cached prefix, or a mix of these. Attention is PyTorch's
+FlexAttention, compiled, over the whole pool seen as one `[1, kv_heads, rows, head_dim]` key/value
+sequence (a strided view, no copy), with a `BlockMask` whose KV blocks are the cache's blocks: query
+token t lists the blocks of its sequence's block table, so the kernel visits those blocks only,
+in place. Blocks wholly before t's position are "full" (no mask evaluated); t's own block is
+"partial", masked to offsets <= t's. A shared prefix block sits at the same position in every
+sequence holding it (block_manager.py shares block i only as block i), so one block table per
+token is all the kernel needs.
+
+Why compiled: eager FlexAttention is a reference implementation that materialises scores over the
+whole pool. Compiled on CPU it is Inductor's C++ FlexAttention template; on CUDA, Triton's. The
+shapes that vary (the token count `T`) are dynamic after the second distinct value, and every
+buffer the mask reads has a fixed size (grown by doubling when outgrown), so the kernel compiles
+twice per process and then never again; the runner does both compilations at start-up.
+Two limits of torch 2.13's CPU template shaped this file: it does not compile a dynamic-size
+tensor captured by `mask_mod` (hence the fixed-size offset buffer), and its decoding variant for
+one query per batch entry scans the whole pool per query (hence one batch entry, `T` queries).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+CPU_PREFILL_TILE = 16
+LOGICAL_SLOTS = 1 << 16
+MAX_TILE = 64  # query rows per attention tile, at most
+# Triton's tl.dot needs 16-row tiles, and so KV blocks a multiple of 16 tokens, on CUDA
+KERNEL_OPTIONS = {"cuda": {"BLOCK_M": 16, "BLOCK_N": 16}}
+ATTENTION = "conduit_paged"  # the name the model's attention layers look this implementation up by
+_flex_attention = torch.compile(flex_attention, fullgraph=True)
+# Each (block size, tile, pool size) compiles up to twice (static, then dynamic in the token count).
+# Past the limit dynamo would run flex_attention eagerly, which this mask is not made for: fail instead.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            paged_rows: torch.Tensor | None = None, **kwargs):
+    """transformers' attention-interface signature. From a PagedKVCache forward (its mask is a
+    BlockMask): query [1, heads, T, D], key/value the layer's whole pool as [1, kv_heads, rows, D],
+    `paged_rows` the tiled row of each query when tiles pad (PagedKVCache.plan). From anyone else
+    using the same model object (`generate`, in tests): plain SDPA."""
+    if not isinstance(attention_mask, BlockMask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if paged_rows is not None:
+        tiled = query.new_zeros(*query.shape[:2], attention_mask.seq_lengths[0], query.shape[3])
+        tiled[:, :, paged_rows] = query
+        query = tiled
+    else:  # one memory layout for every call, so one compilation serves them all
+        query = query.contiguous()
+    out = _flex_attention(query, key, value, block_mask=attention_mask, scale=scaling,
+                          enable_gqa=query.shape[1] != key.shape[1], kernel_options=KERNEL_OPTIONS.get(query.device.type))
+    if paged_rows is not None:
+        out = out[:, :, paged_rows]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def query_tile(device: torch.device, most_new_tokens: int) -> int:
+    """Query rows per attention tile for a forward whose sequences compute up to `most_new_tokens`
+    each. On CPU one row (a decode wastes nothing) unless prompts are being computed."""
+    if device.type == "cuda":
+        return 16
+    return 1 if most_new_tokens == 1 else CPU_PREFILL_TILE
+
+
+def use_paged_attention(model) -> None:
+    """Switch `model`'s attention layers to `paged_attention_forward` (masks built as for SDPA, which
+    is what the model does for callers other than the runner)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTENTION, paged_attention_forward)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
+
+
+class PagedKVCache:
+    """The object transformers' attention layers call `update()` on. Pools are allocated on first
+    use, from the shapes the model really produces (so head counts and dims need no config lookup;
+    under tensor parallelism a rank's pool holds its own heads)."""
+
+    def __init__(self, num_blocks: int, block_size: int, device: torch.device):
+        self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.write: torch.Tensor | None = None  # this forward's new tokens' pool rows
+        # each block's index in the block tables that hold it (the same in all of them: block_manager
+        # shares block i only as block i); the mask reads it on partial blocks
+        self._logical = torch.zeros(num_blocks, dtype=torch.long)
+        # a fixed size for any pool up to LOGICAL_SLOTS blocks: engines of different sizes in one process
+        # (tests) then share compilations
+        slots = max(LOGICAL_SLOTS, 1 << (num_blocks - 1).bit_length())
+        self._logical_device = torch.zeros(slots, dtype=torch.long, device=device)
+        self._grow(rows=4096, width=64)
+
+    # per forward ----------------------------------------------------------------------------
+    def plan(self, spans: list[tuple[list[int], int, int]], tile: int = 1) -> tuple[BlockMask, torch.Tensor | None]:
+        """Before a forward of the packed tokens of `spans`: (block table, start, end), a sequence
+        computing its positions [start, end) over its cached [0, start). Attention runs on query
+        tiles of `tile` rows, each of one sequence (its last tile padded). Returns the attention mask
+        and, when tiles pad, the padded row of each packed token (None when they do not)."""
+        bs = self.block_size
+        starts = torch.tensor([start for _, start, _ in spans])
+        new = torch.tensor([end - start for _, start, end in spans])
+        width = max(-(-end // bs) for _, _, end in spans)
+        tables = torch.tensor([ids[:width] + [0] * (width - len(ids[:width])) for ids, _, _ in spans])
+        seq = torch.repeat_interleave(torch.arange(len(spans)), new)  # the sequence of each packed token
+        pos = torch.arange(len(seq)) - torch.repeat_interleave(new.cumsum(0) - new, new) + starts[seq]
+        self.write = (tables[seq, pos // bs] * bs + pos % bs).to(self.device)
+        tiles = -(-new // tile)
+        padded = torch.repeat_interleave((tiles.cumsum(0) - tiles) * tile - (new.cumsum(0) - new), new) + torch.arange(
+            len(seq))  # row of each packed token once every sequence starts a tile
+        qpos = torch.full((int(tiles.sum()) * tile,), -1, dtype=torch.long)  # -1: a padding row, attends nothing
+        qpos[padded] = pos
+        tile_seq = torch.repeat_interleave(torch.arange(len(spans)), tiles)
+        tile_pos = qpos.view(-1, tile)
+        first, last = tile_pos[:, 0], tile_pos.max(1).values
+        full = (first + 1) // bs  # blocks wholly at or before every row of the tile: not masked
+        held = torch.arange(width) < torch.tensor([len(ids) for ids, _, _ in spans])[:, None]  # not padding
+        self._logical[tables[held]] = torch.arange(width).expand_as(tables)[held]
+        mask = self._mask(tables[tile_seq], full, last // bs + 1 - full, qpos, tile)
+        return mask, (None if tile == 1 else padded.to(self.device))
+
+    def _mask(self, tile_tables: torch.Tensor, full: torch.Tensor, partial: torch.Tensor, qpos: torch.Tensor,
+              tile: int) -> BlockMask:
+        tiles, width = tile_tables.shape
+        reach = self._reach(tile)  # most blocks one tile's rows end in
+        if qpos.numel() > self._rows or width > self._width:
+            self._grow(max(qpos.numel(), self._rows), max(width, self._width))
+        n = self.num_blocks
+        self._qpos[: qpos.numel()].copy_(qpos)
+        table_rows = self._tables.view(-1)[: self._rows * self._width].view(self._rows, self._width)
+        table_rows[:tiles, :width].copy_(tile_tables)
+        cols = (full[:, None] + torch.arange(reach)).clamp(max=width - 1)
+        self._partial.view(-1)[: self._rows * reach].view(self._rows, reach)[:tiles].copy_(
+            tile_tables.gather(1, cols))
+        # [1, 1, tiles, num_blocks] views of small buffers: the kernel reads only each tile's first
+        # `count` entries, but wants the last dim to span the pool (rows then overlap, harmlessly)
+        full_idx = self._tables.as_strided((1, 1, tiles, n), (0, 0, self._width, 1))
+        partial_idx = self._partial[: self._rows * reach + n].as_strided((1, 1, tiles, n), (0, 0, reach, 1))
+        partial_count = partial.to(torch.int32).view(1, 1, tiles).to(self.device)
+        full_count = full.to(torch.int32).view(1, 1, tiles).to(self.device)
+        self._logical_device[: self.num_blocks].copy_(self._logical)
+        return BlockMask.from_kv_blocks(partial_count, partial_idx, full_count, full_idx, BLOCK_SIZE=(tile, self.block_size),
+                                        mask_mod=self._mask_mod, seq_lengths=(qpos.numel(), n * self.block_size),
+                                        compute_q_blocks=False)
+
+    def _reach(self, tile: int) -> int:
+        return (tile - 2) // self.block_size + 2 if tile > 1 else 1
+
+    def _grow(self, rows: int, width: int) -> None:
+        """(Re)allocate the mask's buffers for `rows` query rows of `width` blocks, doubling: a new
+        size means a new compilation, so it must be rare."""
+        self._rows = 1 << (rows - 1).bit_length()
+        self._width = 1 << (width - 1).bit_length()
+        device, n = self.device, self.num_blocks
+        self._qpos = torch.full((self._rows,), -1, dtype=torch.long, device=device)
+        self._tables = torch.zeros(self._rows * self._width + n, dtype=torch.int32, device=device)
+        self._partial = torch.zeros(self._rows * self._reach(MAX_TILE) + n, dtype=torch.int32, device=device)
+        qpos, logical, bs = self._qpos, self._logical_device, self.block_size
+
+        def mask_mod(b, h, q, kv):  # evaluated on partial blocks only
+            return logical[kv // bs] * bs + kv % bs <= qpos[q]
+
+        self._mask_mod = mask_mod
+
+    # per layer ------------------------------------------------------------------------------
+    def _pools(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.k:
+            _, heads, _, dim = like.shape
+            shape = (self.num_blocks * self.block_size, heads, dim)
+            self.k[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self.v[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return self.k[layer], self.v[layer]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """key_states: [1, kv_heads, T, D] for the packed new tokens. Writes them into their rows and
+        returns the layer's pools as [1, kv_heads, rows, D] views, for paged_attention_forward."""
+        k, v = self._pools(layer_idx, key_states)
+        k.index_copy_(0, self.write, key_states[0].transpose(0, 1))
+        v.index_copy_(0, self.write, value_states[0].transpose(0, 1))
+        return k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None]

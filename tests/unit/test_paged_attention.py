@@ -1,0 +1,119 @@
+"""Attention that reads the paged KV cache in place (app/engine/attention.py): a packed forward of any
+mix of prefills, prefix-cached prefills and decodes, over scattered blocks, must give the logits
+the model gives over each sequence alone, and the engine built on it must stay equal to `generate`."""
+
+import random
+
+import pytest
+import torch
+
+from app.engine.model_runner import ModelRunner
+from app.engine.sampling_params import SamplingParams
+from app.engine.sequence import Sequence
+from tests.unit.test_engine import greedy, make_engine, prompts, run_all
+
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def runner(hf_model):
+    return ModelRunner(hf_model[0], num_blocks=64, block_size=BLOCK)
+
+
+def sequence(tokens: list[int], blocks: list[int]) -> Sequence:
+    seq = Sequence("s", tokens, SamplingParams(), None, frozenset())
+    seq.block_ids = blocks
+    return seq
+
+
+def full_logits(model, tokens: list[int]) -> torch.Tensor:
+    """What the model alone (SDPA, no cache) gives at every position of `tokens`."""
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([tokens])).logits[0].float()
+
+
+def scattered(rng: random.Random, count: int, free: list[int]) -> list[int]:
+    """`count` blocks taken in random order from `free` (so a sequence's blocks are never adjacent in order)."""
+    picked = rng.sample(free, count)
+    for block in picked:
+        free.remove(block)
+    return picked
+
+
+@torch.inference_mode()
+def test_mixed_batch_over_scattered_blocks(hf_model, runner):
+    """One forward: a whole prompt, a prompt after 2 cached blocks, and decodes whose positions sit
+    at a block's start, middle and end; lengths 1 to 23 tokens."""
+    model, tokenizer = hf_model
+    rng = random.Random(0)
+    free = list(range(64))
+    text = tokenizer.encode("def f(x): return x * 2  # the quick brown fox jumps over the lazy dog " * 4)
+    # (tokens, start): start = tokens already cached (computed first, on their own)
+    cases = [(text[:13], 0), (text[5:28], 2 * BLOCK), (text[9:20], 10), (text[2:7], BLOCK), (text[30:31], 0),
+             (text[40:48], 2 * BLOCK - 1), (text[11:23], 2 * BLOCK + 2)]
+    seqs = [sequence(tokens, scattered(rng, -(-len(tokens) // BLOCK), free)) for tokens, _ in cases]
+    cached = [(seq, 0, start) for seq, (_, start) in zip(seqs, cases) if start]
+    runner.forward(cached)  # fills the cached prefixes, as their own earlier prefill would have
+    logits = runner.forward([(seq, start, seq.num_tokens) for seq, (_, start) in zip(seqs, cases)])
+    for i, (tokens, _) in enumerate(cases):
+        torch.testing.assert_close(logits[i], full_logits(model, tokens)[-1], atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_shared_prefix_blocks_and_every_position(hf_model, runner):
+    """Two sequences hold the same first blocks (a prefix-cache hit); the second computes only its
+    tail, and scoring every position of it (prefill_span) matches the model at every position."""
+    model, tokenizer = hf_model
+    prefix = tokenizer.encode("You are a helpful assistant. " * 3)[: 3 * BLOCK]
+    first = prefix + tokenizer.encode(" Hi there")
+    second = prefix + tokenizer.encode(" Sort a dict by value, please")
+    shared = [40, 7, 23]
+    a = sequence(first, shared + [5, 61, 2])
+    b = sequence(second, shared + [9, 33, 18, 50, 11])
+    runner.forward([(a, 0, a.num_tokens)])
+    span = runner.prefill_span(b, len(prefix), b.num_tokens)
+    torch.testing.assert_close(span, full_logits(model, second)[len(prefix):], atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_decode_matches_the_model_across_block_boundaries(hf_model, runner):
+    model, tokenizer = hf_model
+    tokens = tokenizer.encode("for i in range(10): print(i)")[:5]
+    seq = sequence(tokens, [60, 3, 47, 12, 30, 8])
+    runner.prefill([seq])
+    seq.num_cached = seq.num_tokens
+    for _ in range(3 * BLOCK):  # crosses three block boundaries
+        logits = runner.decode([seq])
+        torch.testing.assert_close(logits[0], full_logits(model, seq.token_ids)[-1], atol=1e-4, rtol=1e-4)
+        seq.output_ids.append(int(logits[0].argmax()))
+
+
+def test_small_blocks_with_preemption_equal_generate(hf_model, reference_greedy):
+    """Blocks of 4 tokens, too few of them: sequences are preempted and recomputed (from the prefix
+    cache where they can), and every block boundary is crossed many times."""
+    engine = make_engine(hf_model, num_kv_blocks=40, block_size=4)
+    ps = [p[:25] for p in prompts(hf_model[1], 6, seed=3)]
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, greedy(30))
+    outputs = run_all(engine)
+    assert engine.stats().num_preemptions > 0
+    for i, p in enumerate(ps):
+        assert outputs[str(i)] == reference_greedy(p, 30), f"request {i} diverged"
+
+
+def test_many_lengths_in_one_batch_equal_generate(hf_model, reference_greedy):
+    """Batch of 12 whose prompts are 1 to 45 tokens long, joined mid-run by more."""
+    engine = make_engine(hf_model, block_size=8)
+    tokenizer = hf_model[1]
+    base = tokenizer.encode("def compute(values): return sorted(v * 2 for v in values if v) " * 4)
+    ps = [base[: 1 + 4 * i] for i in range(12)]
+    outputs: dict[str, list[int]] = {}
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, greedy(12))
+        if i % 4 == 3:  # the rest arrive while these decode
+            for out in engine.step():
+                outputs.setdefault(out.request_id, []).extend(out.token_ids)
+    for rid, toks in run_all(engine).items():
+        outputs.setdefault(rid, []).extend(toks)
+    for i, p in enumerate(ps):
+        assert outputs[str(i)] == reference_greedy(p, 12), f"request {i} ({len(p)} tokens) diverged"
