@@ -1,13 +1,16 @@
-"""Multi-GPU check (not run in CI; needs CUDA): the same greedy outputs with the model on one GPU,
-tensor parallel over N GPUs (NCCL), and layer-sharded with accelerate's device_map, plus the
-output throughput of each, printed as a table.
+"""GPU check (not run in CI; needs CUDA): the engine's greedy outputs on one GPU equal transformers'
+`generate` token for token (the paged attention kernel, app/engine/attention.py, compiled for
+Triton), and the same outputs come from tensor parallel over N GPUs (NCCL) and layer-sharded with
+accelerate's device_map, plus the output throughput of each, printed as a table.
 
     .venv/bin/python bench/gpu_check.py                      # demo model, N = every visible GPU
     .venv/bin/python bench/gpu_check.py --model Qwen/Qwen2.5-7B-Instruct --tp 4 --requests 64
 
-Exits 0 when every layout's greedy tokens equal the single-GPU run's, 1 when one differs, 2
-without CUDA. In bfloat16 a TP all-reduce sums in a different order than one GPU does, so a long
-greedy run can legitimately fork after a near-tie; `--dtype float32` makes the comparison strict.
+Exits 0 when the single-GPU run equals `generate` and every layout's greedy tokens equal the
+single-GPU run's, 1 when one differs, 2 without CUDA. In bfloat16 a TP all-reduce sums in a
+different order than one GPU does, and the paged kernel in a different order than `generate`'s
+SDPA, so a long greedy run can legitimately fork after a near-tie; `--dtype float32` makes both
+comparisons strict.
 """
 
 from __future__ import annotations
@@ -46,6 +49,19 @@ def run(engine, requests) -> tuple[dict[str, list[int]], float]:
     return outputs, sum(map(len, outputs.values())) / elapsed
 
 
+def generate_reference(model, requests) -> dict[str, list[int]]:
+    """transformers' own greedy decoding of every request, one at a time (no engine involved)."""
+    import torch
+
+    outputs = {}
+    with torch.inference_mode():
+        for request_id, (prompt, max_tokens) in requests.items():
+            ids = torch.tensor([prompt], device=model.device)
+            out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+            outputs[request_id] = out[0, len(prompt):].tolist()
+    return outputs
+
+
 def main() -> int:
     import torch
 
@@ -75,13 +91,16 @@ def main() -> int:
     if tp > 1:
         layouts[f"tensor parallel x{tp}"] = {"tensor_parallel_size": tp}
         layouts[f"device_map x{gpus}"] = {"device_map": "balanced", "num_devices": gpus}
-    rows, reference, requests = [], None, None
+    rows, reference, requests, generate_same = [], None, None, None
     for name, extra in layouts.items():
         engine = build_engine(ModelConfig(name="check", source=args.model, engine={**base, **extra}), "cuda")
         requests = requests or workload(engine.tokenizer, args.requests, args.max_tokens)
         run(engine, dict(list(requests.items())[:2]))  # warm-up: kernels, allocator, NCCL communicators
         outputs, throughput = run(engine, requests)
-        reference = reference or outputs
+        if reference is None:
+            reference = outputs
+            expected = generate_reference(engine.model, requests)
+            generate_same = sum(outputs[r] == expected[r] for r in requests)
         same = sum(outputs[r] == reference[r] for r in requests)
         rows.append((name, throughput, same))
         if hasattr(engine.runner, "shutdown"):
@@ -90,10 +109,12 @@ def main() -> int:
         torch.cuda.empty_cache()
     print(f"\n{args.model}: {args.requests} requests x {args.max_tokens} tokens, greedy, {gpus} GPU(s) "
           f"({torch.cuda.get_device_name(0)})\n")
+    print(f"1 GPU engine vs transformers generate: {generate_same}/{len(requests)} requests token for token\n")
     print(f"{'layout':<24}{'output tok/s':>14}{'same tokens as 1 GPU':>24}")
     for name, throughput, same in rows:
         print(f"{name:<24}{throughput:>14,.0f}{f'{same}/{len(requests)}':>24}")
-    return 0 if all(same == len(requests) for *_, same in rows) else 1
+    matches = generate_same == len(requests) and all(same == len(requests) for *_, same in rows)
+    return 0 if matches else 1
 
 
 if __name__ == "__main__":
