@@ -54,7 +54,8 @@ def test_chat_instance(server, client):
     (completion,) = res.json()["predictions"]
     expected = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0)
     assert completion["object"] == "chat.completion"
-    assert completion["choices"][0]["message"] == {"role": "assistant", "content": expected.choices[0].message.content}
+    assert completion["choices"][0]["message"] == {"role": "assistant", "content": expected.choices[0].message.content,
+                                                     "refusal": None}
     assert completion["choices"][0]["finish_reason"] == expected.choices[0].finish_reason
     assert completion["usage"] == expected.usage.model_dump(exclude_none=True)
 
