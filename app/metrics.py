@@ -206,7 +206,6 @@ class ModelMetrics:
         self.block_size = block_size  # the engine counts prefix lookups in blocks, vLLM in tokens
         self._last_counters = {"vllm:prefix_cache_queries": 0, "vllm:prefix_cache_hits": 0, "vllm:num_preemptions": 0}
         self._last_preemptions = dict.fromkeys(PREEMPTION_CAUSES, 0)
-        self._keys_shown: set[str] = set()  # keys whose per-key gauges were set last reading
         for name in [*self._last_counters, "vllm:prompt_tokens", "vllm:generation_tokens"]:
             start_at_zero(name, **self.tags)
         for reason in FINISHED_REASONS:
@@ -284,12 +283,10 @@ class ModelMetrics:
             tags = {"priority_class": cls, **self.tags}
             ray_metric("conduit:num_requests_running_by_class").set(stats.running_by_class.get(cls, 0), tags=tags)
             ray_metric("conduit:num_requests_waiting_by_class").set(stats.waiting_by_class.get(cls, 0), tags=tags)
-        keys = set(stats.running_by_key) | set(stats.waiting_by_key)
-        for key in keys | self._keys_shown:  # a key that left shows 0 once, then is no longer set
+        for key in stats.keys_seen:  # every key that sent work here, 0 when it has none now
             tags = {"key": key or "none", **self.tags}
             ray_metric("conduit:num_requests_running_by_key").set(stats.running_by_key.get(key, 0), tags=tags)
             ray_metric("conduit:num_requests_waiting_by_key").set(stats.waiting_by_key.get(key, 0), tags=tags)
-        self._keys_shown = keys
         for cause, count in stats.preemptions_by_cause.items():
             inc("conduit:preemptions", count - self._last_preemptions.get(cause, 0), cause=cause, **self.tags)
         self._last_preemptions = dict(stats.preemptions_by_cause)

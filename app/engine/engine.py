@@ -79,6 +79,7 @@ class EngineStats:
     waiting_by_class: dict[str, int] = field(default_factory=dict)
     running_by_key: dict[str, int] = field(default_factory=dict)
     waiting_by_key: dict[str, int] = field(default_factory=dict)
+    keys_seen: list[str] = field(default_factory=list)  # every tenant that sent work to this engine
     preemptions_by_cause: dict[str, int] = field(default_factory=dict)
 
 

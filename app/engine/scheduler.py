@@ -52,6 +52,7 @@ class Scheduler:
         self.tenant_waiting: dict[str, int] = {}
         self.tenant_work: dict[str, int] = {}  # waiting + running, per tenant with any
         self.active_weight = 0.0  # the weights of the tenants in tenant_work, summed
+        self.tenants_seen: set[str] = set()  # every tenant that ever sent work here (API keys: a bounded set)
         self.preemptions = dict.fromkeys(PREEMPTION_CAUSES, 0)
         self._arrivals = itertools.count()
 
@@ -64,6 +65,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.order = next(self._arrivals)
+        self.tenants_seen.add(seq.tenant)
         self._count_work(seq.tenant, +1)
         self._enqueue(seq)
 
@@ -130,6 +132,7 @@ class Scheduler:
             "waiting_by_class": dict(zip(CLASSES, list(self.waiting_by_class))),
             "running_by_key": dict(Counter(s.tenant for s in running)),
             "waiting_by_key": dict(self.tenant_waiting),
+            "keys_seen": sorted(self.tenants_seen),
             "preemptions_by_cause": dict(self.preemptions),
         }
 

@@ -99,7 +99,10 @@ def test_every_metric_the_dashboard_may_query_is_served(server, client):
         time.sleep(1)
         families = scrape(server)
         served = {s.name for f in families.values() for s in f.samples}
-        if wanted <= served or time.monotonic() > deadline:
+        # counters are served (at 0) before anything rose: wait for this traffic's own rises too
+        rose = (total(families, "vllm:prefix_cache_hits_total", model_name=MODEL) > 0
+                and total(families, "conduit:request_errors_total", status="404") > 0)
+        if (wanted <= served and rose) or time.monotonic() > deadline:
             break
     announced = set(families)
     for spec in [*VLLM.values(), *CONDUIT.values()]:
