@@ -1,21 +1,36 @@
 """Runs the Hugging Face model over a batch of sequences with Conduit's own paged KV cache.
 
-The model is any `AutoModelForCausalLM`; we only supply (a) a cache object whose `update()` the
-attention layers call, and (b) a prepared 4-D attention mask, which transformers passes through
-unchanged. So every architecture that uses the standard cache protocol runs here unmodified.
+The model is any `AutoModelForCausalLM`; we supply (a) a cache object whose `update()` the
+attention layers call, (b) the attention function they call through transformers' attention
+interface, and (c) its mask. So every architecture that uses the standard cache and attention
+protocols runs here unmodified (app/engine/attention.py has the cache and the attention).
 
-KV layout: per layer, one pool of `num_blocks * block_size` token rows `[row, kv_head, head_dim]`;
-a sequence's tokens sit in the blocks of its block table (block_manager.py). Each forward writes
-the new tokens' K/V into their rows, then gathers every sequence's rows into the padded batch that
-attention reads, with one `index_select` per layer and tensor (the row index is built once per step
-and shared by all layers). Measured side by side on the 2-core CPU with the demo model, batch 32,
-~100-token contexts (bench/kv_layout.py, and the same script at commit ca83952 for the layout this
-engine used before: one contiguous row per sequence at max_model_len): a decode step takes ~9.2 ms
-paged against ~7.9 ms contiguous, the gather itself ~1.2 ms of it. In exchange memory is held per
-block actually used, not per sequence at max_model_len, so a replica admits as many sequences as
-their real lengths fit, and a shared prefix is one set of blocks, never copied. Padding positions
-read one spare zero block (masked out; zeros, not garbage, because masked keys still enter
-softmax(QK)V as 0 * V).
+Each forward packs the new tokens of every scheduled sequence into one row, without padding: a
+decode step is `batch` tokens, a prefill the uncached part of each prompt, and any mix of the two
+works the same (`forward`). Attention reads each sequence's K/V where its blocks lie in the pool.
+
+Measured side by side (bench/attention.py, one run, demo model, 2-core CPU, prompts ~113-128
+tokens, medians; "gather" is the path this replaced: a left-padded batch whose K/V were copied out
+of the pool by block table every layer, then SDPA):
+
+    $ .venv/bin/python bench/attention.py --rounds 3 --steps 24 --threads 1   (2026-11-30)
+    batch |  decode step ms     |  output tok/s       |  prefill of the batch ms
+          |  gather   in place  |  gather   in place  |  gather   in place
+        1 |    7.05       8.99  |     142        111  |    25.6       25.1
+        8 |   15.64      10.33  |     512        775  |   122.5      123.4
+       32 |   33.61      30.88  |     952       1036  |  1043.0      689.6
+
+One torch thread, as a served replica runs (`num_cpus: 1`). The machine was shared with other
+jobs (load average 3.6-6), so absolute figures swing from run to run. A second run (2 threads,
+heavier load, decode steps 3-10x slower for both) agreed on batch 1 (in place behind), batch 32
+decode and every prefill (in place ahead), and disagreed on batch 8 (in place behind there).
+Where it loses, it is fixed costs per step, not attention: building the block mask in Python and
+dynamo's guard check before each layer's compiled kernel, which at batch 1 and 128 tokens of
+context the gather it removes does not repay.
+
+The kernel compiles at start-up (twice per query tile, ~10-40 s on this machine, then cached on
+disk by Inductor, a few seconds on later starts). Memory: the pool is exactly the blocks; a shared
+prefix is one set of blocks, never copied.
 """
 
 from __future__ import annotations
