@@ -5,7 +5,7 @@ the batch, with the demo model on this machine's CPU (or CUDA with --device cuda
 "gather" is the former path, kept here only as the baseline: pad the batch, copy every sequence's
 K/V rows out of the block pool into it (one index_select per layer and tensor), then SDPA.
 "in place" is the engine's runner. Rounds alternate the two, so load from elsewhere falls on both;
-figures are medians. Both runners' greedy tokens are checked equal before timing.
+figures are medians. Each runner is built and warmed up (compiled) before any timing. Both runners' greedy tokens are checked equal before timing.
 
     .venv/bin/python bench/attention.py [--batches 1 8 32] [--context 128] [--steps 20] [--rounds 3]
 """
@@ -88,11 +88,19 @@ class GatherRunner:
 
 
 
-def run_once(model, tokenizer, runner_kind: str, batch: int, context: int, steps: int) -> dict:
-    config = EngineConfig(max_num_seqs=batch, max_model_len=1024).resolved(1024)
-    runner = (ModelRunner if runner_kind == "in place" else GatherRunner)(model, config.num_kv_blocks,
-                                                                          config.block_size)
-    engine = LLMEngine(model, tokenizer, config, runner=runner)
+def engine_config(batch: int) -> EngineConfig:
+    return EngineConfig(max_num_seqs=batch, max_model_len=1024).resolved(1024)
+
+
+def make_runner(model, kind: str, batch: int):
+    config = engine_config(batch)
+    return (ModelRunner if kind == "in place" else GatherRunner)(model, config.num_kv_blocks, config.block_size)
+
+
+def run_once(model, tokenizer, runner, batch: int, context: int, steps: int) -> dict:
+    """A fresh engine (empty cache bookkeeping) over `runner`, reused across runs: compilation and
+    first-touch page faults fall in the untimed warm-up run."""
+    engine = LLMEngine(model, tokenizer, engine_config(batch), runner=runner)
     for i in range(batch):  # different lengths: context - 0..15 tokens
         prompt = [(7 * i + j) % 2900 + 10 for j in range(context - i % 16)]
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True))
@@ -124,11 +132,15 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     kinds = ["gather", "in place"]
-    results = {(b, k): [] for b in args.batches for k in kinds}
+    runners = {(b, k): make_runner(model, k, b) for b in args.batches for k in kinds}
+    for (batch, _), runner in runners.items():  # warm-up, untimed
+        run_once(model, tokenizer, runner, batch, args.context, 2)
+    results = {cell: [] for cell in runners}
     for round_ in range(args.rounds):
         for batch in args.batches:
             for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
-                results[batch, kind].append(run_once(model, tokenizer, kind, batch, args.context, args.steps))
+                results[batch, kind].append(run_once(model, tokenizer, runners[batch, kind], batch, args.context,
+                                                     args.steps))
     print(f"\ndemo model, {args.device}, {args.threads} threads, prompts ~{args.context} tokens, {args.steps} decode "
           f"steps, median of {args.rounds} runs per cell\n")
     print(f"{'batch':>5} | {'decode step ms':>22} | {'output tok/s':>22} | {'prefill of the batch ms':>24} | same tokens")
