@@ -4,10 +4,10 @@ what the repositories query. A change here needs a new migration, so an upgrade 
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = sa.MetaData()
-Json = sa.JSON().with_variant(JSONB(), "postgresql")
+# JSON, not PostgreSQL's JSONB: JSONB refuses text holding U+0000, which a request may carry
+Json = sa.JSON()
 
 # One row per stored response: its whole wire object in `body`, the columns that are queried beside it.
 responses = sa.Table(

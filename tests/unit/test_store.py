@@ -68,12 +68,12 @@ def test_migrates_once_and_keeps_records_across_restarts(url):
     async def first(db, store):
         async with db.connect() as conn:
             assert await current_revision(conn) == "0001"
-        await store.save("key-a", response("resp_1"), [message("msg_1", "user", "héllo")], [])
+        await store.save("key-a", response("resp_1"), [message("msg_1", "user", "héllo\x00 ☃ 𝄞")], [])
 
     async def second(db, store):  # a new process: migrating again changes nothing, the record is there
         await db.migrate()
         assert (await store.get("key-a", "resp_1"))["id"] == "resp_1"
-        assert (await store.input_items("key-a", "resp_1", None, 10, False))[0][0]["content"][0]["text"] == "héllo"
+        assert (await store.input_items("key-a", "resp_1", None, 10, False))[0][0]["content"][0]["text"] == "héllo\x00 ☃ 𝄞"
 
     run(url, first)
     run(url, second)

@@ -6,14 +6,14 @@ Revises:
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
 
-Json = sa.JSON().with_variant(JSONB(), "postgresql")
+# JSON, not PostgreSQL's JSONB: JSONB refuses text holding U+0000, which a request may carry
+Json = sa.JSON()
 
 
 def upgrade() -> None:
