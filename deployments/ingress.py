@@ -2,7 +2,8 @@
 per wire format; every adapter drives the same `Pipeline` (app/api/pipeline.py).
 
 Path of one request: proxy -> Ingress (this) -> Tokenizer.prepare (one hop) -> Model.generate
-(one streaming call, replica picked by deployments/router.py inside this process) -> deltas back."""
+(one call, replica picked by deployments/router.py inside this process) -> deltas back, together with
+the other streams that replica serves to this ingress (app/api/stream_mux.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ray.serve.handle import DeploymentHandle
 from app.api.disconnects import CancelOnDisconnect
 from app.api.pipeline import Pipeline
 from app.api.server import build_api
+from app.api.stream_mux import StreamMux
 from app.config import AppConfig
 from deployments.router import ModelTable
 
@@ -27,6 +29,7 @@ class Ingress:
             ModelTable({m.name: m.aliases for m in config.models}, models),
             embedders=ModelTable({m.name: m.aliases for m in config.embedding_models}, embedders or {}),
             limits=config.ingress.input_limits,
+            mux=StreamMux(serve.get_replica_context().replica_id.unique_id),
         )
 
     def __serve_build_asgi_app__(self):

@@ -1,7 +1,10 @@
 """Model replica deployment: loads one model and runs the batching engine on it.
 
-`generate` is a streaming method: each item is a coalesced delta (`RequestOutput`), at most one per
-`engine.stream_interval_s`, so a token does not cost a Ray message of its own."""
+`generate` is a streaming method, one call per engine sequence. Called with a `Route` by an ingress
+that has a channel to this replica (`channel`, app/api/stream_mux.py), its deltas go out through that
+channel together with the ingress's other streams' (one message per engine step for all of them)
+and the call itself yields nothing; otherwise each item is a coalesced delta (`RequestOutput`), at
+most one per `engine.stream_interval_s`, so a token does not cost a Ray message of its own."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from ray import serve
 
 from app.api.errors import ConduitError, unavailable
 from app.api.protocol import PreparedRequest
+from app.api.stream_mux import ChannelOpen, ChannelWanted, Outboxes, Route, pump
 from app.config import ModelConfig
 from app.engine.async_engine import AsyncEngine, EngineDeadError
 from app.engine.engine import LLMEngine, RequestOutput
@@ -54,15 +58,37 @@ class Model:
         self.engine = AsyncEngine(LLMEngine(model, tokenizer, engine_config, runner=runner))
         self.metrics = ModelMetrics(config.name, replica, engine_config.block_size)
         self.metrics.poll(self.engine.engine.stats)  # engine gauges, once a second
+        self.outboxes = Outboxes(replica)  # the ingress replicas' stream channels to this one
         progress.finished()
         log.info("model %s ready: %s", config.name, engine_config.model_dump())
 
-    async def generate(self, request: PreparedRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: PreparedRequest, route: Route | None = None) -> AsyncIterator:
         if self.engine.engine.stats().num_waiting >= self.config.max_waiting:  # bounded queue: fail fast
             raise unavailable("The model's queue is full; retry shortly.", "server_overloaded")
+        outbox = self.outboxes.get(route.ingress) if route else None
+        if outbox is not None:  # its deltas go with the ingress's other streams', each engine step
+            self.outboxes.carried += 1
+            await pump(outbox, route.key, self._deltas(request, 0.0, None))
+            return
+        if route is not None:
+            yield ChannelWanted(self.outboxes.replica)
+        deltas = self._deltas(request, self.config.stream_interval_s, self.config.max_stream_messages_per_s)
+        try:
+            async for out in deltas:
+                yield out
+        finally:  # cancelled at the `yield`: abort the sequence now (see _deltas)
+            await deltas.aclose()
+
+    async def channel(self, request: ChannelOpen) -> AsyncIterator:
+        """An ingress replica's stream channel to this replica (app/api/stream_mux.py)."""
+        async for item in self.outboxes.serve(request):
+            yield item
+
+    async def _deltas(self, request: PreparedRequest, interval_s: float,
+                      max_messages_per_s: float | None) -> AsyncIterator[RequestOutput]:
+        """The request's deltas; the engine's errors as the API's (RequestRejected -> 400, ...)."""
         deltas = self.engine.generate(request.request_id, request.prompt_ids, request.sampling,
-                                      self.config.stream_interval_s, self.config.max_stream_messages_per_s,
-                                      request.priority, request.tenant)
+                                      interval_s, max_messages_per_s, request.priority, request.tenant)
         tracked = self.metrics.track(request.request_id, deltas)
         try:
             async for out in tracked:
@@ -76,7 +102,7 @@ class Model:
         except Exception as e:  # this request's sequence failed in the engine; the others run on
             raise request_failed(request.request_id, e) from None
         finally:
-            # A cancelled call (its client went away) gets a CancelledError at the `yield` above, which
+            # A cancelled call (its client went away) gets a CancelledError at an `await` above, which
             # leaves both streams suspended: closing them aborts the sequence now, before the engine's
             # next step, rather than whenever the generators are collected.
             await tracked.aclose()
@@ -84,6 +110,10 @@ class Model:
 
     async def stats(self) -> dict:
         return vars(self.engine.engine.stats())
+
+    async def stream_channels(self) -> dict:
+        """This replica's stream channels: open now, opened and streams carried so far."""
+        return self.outboxes.stats()
 
     async def check_health(self) -> None:
         self.engine.check_health(STALL_LIMIT_S)

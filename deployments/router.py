@@ -20,6 +20,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 from app.api.errors import model_not_found
 from app import metrics
 from app.api.protocol import PreparedRequest
+from app.api.stream_mux import ChannelOpen
 
 PREFIX_TOKENS = 16  # = the engine's default block size: one cached block's worth
 
@@ -53,6 +54,9 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
             return []
         started = time.perf_counter()
         request = pending_request.args[0] if pending_request and pending_request.args else None
+        if isinstance(request, ChannelOpen):  # an ingress's stream channel goes to the replica it names
+            named = [r for r in candidate_replicas if r.replica_id.unique_id == request.replica]
+            return [named or candidate_replicas]
         if isinstance(request, PreparedRequest):
             key = repr(request.prompt_ids[:PREFIX_TOKENS]).encode()
             ranked = sorted(candidate_replicas, key=lambda r: _score(r.replica_id.unique_id, key))

@@ -1,23 +1,24 @@
 """The pipeline every wire format shares: resolve the model, tokenize once (one Ray hop to the
 tokenizer deployment), then stream the engine's deltas from the model replica that the router
-picks inside this process. Adapters (openai.py, anthropic.py, ...) translate to and from it; none
-of them calls a deployment directly."""
+picks inside this process, through that replica's stream channel to this ingress (app/api/stream_mux.py).
+Adapters (openai.py, anthropic.py, ...) translate to and from it; none of them calls a deployment directly."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 
 import numpy as np
 
 from app import access_log
-from app.api.disconnects import cancelled_unless_finished
 from app.api.errors import invalid
 from app.api.faults import bounded, bounded_iter
 from app.api.input_limits import cap_max_tokens, check_embedding_inputs, check_generate
 from app.api.protocol import GenerateRequest, PreparedRequest
+from app.api.stream_mux import StreamMux
 from app.config import InputLimits
 from app.engine.engine import RequestOutput
 from app.limits import Reservation, current_call
@@ -26,9 +27,11 @@ from deployments.router import ModelTable
 
 class Pipeline:
     def __init__(self, tokenizer, models: ModelTable, embedders: ModelTable | None = None,
-                 limits: InputLimits | None = None):
+                 limits: InputLimits | None = None, mux: StreamMux | None = None):
         """`tokenizer`: the Tokenizer deployment's handle; `models`, `embedders`: the generative and the
-        embedding models' tables; `limits`: caps on what one request may ask for."""
+        embedding models' tables; `limits`: caps on what one request may ask for; `mux`: this ingress
+        replica's end of the model replicas' stream channels."""
+        self.mux = mux or StreamMux(uuid.uuid4().hex)
         self.tokenizer = tokenizer
         self.models = models
         self.embedders = embedders or ModelTable({}, {})
@@ -69,14 +72,14 @@ class Pipeline:
         ], reservation
 
     async def generate(self, prepared: PreparedRequest, reservation: Reservation) -> AsyncIterator[RequestOutput]:
-        stream = self.models.handle(prepared.model).options(stream=True).generate.remote(prepared)
+        stream = self.mux.generate(self.models.handle(prepared.model), prepared)
         out = None
         try:
-            with cancelled_unless_finished(stream):  # frees the engine slot if the client goes away
-                async for out in stream:
-                    access_log.output(out)
-                    yield out
+            async for out in stream:
+                access_log.output(out)
+                yield out
         finally:
+            await stream.aclose()  # early: cancels the model call, which frees the engine slot
             reservation.use(out.num_output_tokens if out else 0)
 
     async def complete(self, req: GenerateRequest) -> list[RequestOutput]:
