@@ -30,6 +30,7 @@ from app.bench import synthetic_prompt
 @dataclass
 class Stream:
     status: int = 0
+    retry_after: float = 0.0  # a refusal's Retry-After, which a client honours before its next request
     sent: float = 0.0
     first: float | None = None  # first content chunk
     done: float | None = None
@@ -66,6 +67,7 @@ async def one_stream(client: httpx.AsyncClient, url: str, model: str, key: str, 
         s.status = response.status_code
         if s.status != 200:
             await response.aread()
+            s.retry_after = float(response.headers.get("retry-after", 0))
             return s
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
@@ -114,7 +116,9 @@ async def weighted(client, url, model, keys, args) -> dict[str, float]:
 
     async def client_loop(name: str, index: int) -> None:
         while not stop.is_set():
-            finished[name].append(await one_stream(client, url, model, keys[name], index, args.weight_tokens))
+            stream = await one_stream(client, url, model, keys[name], index, args.weight_tokens)
+            finished[name].append(stream)
+            await asyncio.sleep(stream.retry_after)  # as the official SDKs do after a 503
 
     tasks = [asyncio.create_task(client_loop(name, i)) for name in finished for i in range(args.weight_streams)]
     await asyncio.sleep(args.warmup_s)
@@ -139,6 +143,8 @@ async def main_async(args) -> dict:
     async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
         model = args.model
         results: dict = {}
+        if args.only == "weights":
+            return {"weights": await weighted_result(client, args.url, model, keys, args)}
         print("1/4 steady key alone", flush=True)
         idle = await one_at_a_time(client, args.url, model, keys["steady"], None, args.steady_requests,
                                    args.steady_tokens)
@@ -154,19 +160,35 @@ async def main_async(args) -> dict:
         results["steady_during_flood"] = {"ttft_ms_p50": steady.ttft_p50_ms(), "requests": len(steady.streams),
                                           "refused": steady.refused(),
                                           "failed": sum(s.status not in (200, 503) for s in steady.streams)}
-        print("4/4 weights 3:1, both saturating", flush=True)
-        rates = await weighted(client, args.url, model, keys, args)
-        results["weights"] = {**rates, "ratio": rates["heavy"] / rates["light"] if rates["light"] else None}
+        if args.only != "flood":
+            print("4/4 weights 3:1, both saturating", flush=True)
+            results["weights"] = await weighted_result(client, args.url, model, keys, args)
     return results
 
 
+async def weighted_result(client, url, model, keys, args) -> dict:
+    rates = await weighted(client, url, model, keys, args)
+    return {**rates, "ratio": rates["heavy"] / rates["light"] if rates["light"] else None}
+
+
 def report(results: dict, args) -> str:
-    a, m, s, w = results["flood_alone"], results["flood_with_steady"], results["steady_during_flood"], results["weights"]
+    lines = []
+    if "flood_alone" in results:
+        lines += flood_report(results, args)
+    if "weights" in results:
+        w = results["weights"]
+        lines += [f"weights: {args.weight_streams} + {args.weight_streams} streams x {args.weight_tokens} tokens, "
+                  f"{args.window_s:.0f} s window: tok/s heavy (3) / light (1) {fmt(w['heavy'])} / {fmt(w['light'])} "
+                  f"= {fmt(w['ratio'], 2)} (target 2.5-3.5), {w['refused']} refused"]
+    return "\n".join(lines)
+
+
+def flood_report(results: dict, args) -> list[str]:
+    a, m, s = results["flood_alone"], results["flood_with_steady"], results["steady_during_flood"]
     ratio_a = m["tok_per_s"] / a["tok_per_s"] if a["tok_per_s"] else None
-    return "\n".join([
+    return [
         f"flood: {args.flood_streams} streams x {args.flood_tokens} tokens; steady: one at a time x "
-        f"{args.steady_tokens} tokens; weights: {args.weight_streams} + {args.weight_streams} streams x "
-        f"{args.weight_tokens} tokens, {args.window_s:.0f} s window",
+        f"{args.steady_tokens} tokens",
         "| figure | value | target |",
         "|---|---|---|",
         f"| B's TTFT p50 alone | {fmt(results['steady_idle_ttft_ms_p50'])} ms | |",
@@ -177,9 +199,7 @@ def report(results: dict, args) -> str:
         f"({fmt(ratio_a, 2)} x) | >= 0.9 x |",
         f"| A's streams accepted / refused (alone; with B) | {a['accepted']} / {a['refused']}; "
         f"{m['accepted']} / {m['refused']} | |",
-        f"| weights 3:1: tok/s heavy / light | {fmt(w['heavy'])} / {fmt(w['light'])} ({fmt(w['ratio'], 2)}), "
-        f"{w['refused']} refused | ratio 2.5-3.5 |",
-    ])
+    ]
 
 
 def main() -> None:
@@ -195,6 +215,7 @@ def main() -> None:
     parser.add_argument("--weight-tokens", type=int, default=64)
     parser.add_argument("--warmup-s", type=float, default=10.0)
     parser.add_argument("--window-s", type=float, default=30.0)
+    parser.add_argument("--only", choices=["flood", "weights"], default=None, help="run one part only")
     parser.add_argument("--out-json", default=None)
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
