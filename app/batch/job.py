@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from app.batch.lines import Answered, answered, is_error
 from app.batch.progress import Progress
-from app.batch.source import count_lines, decode, is_parquet, read_input, split_lines
-from app.batch.target import BatchTarget
+from app.batch.source import READ_CPUS, count_lines, decode, is_parquet, read_input, split_lines
+from app.batch.target import BatchTarget, fitting_replicas
 from app.batch.worker import BatchWorker
 
 BATCHES_PER_SLOT = 4  # a Ray Data batch is this many engine batches (max_num_seqs lines each)
@@ -32,7 +33,8 @@ class BatchSummary:
     duplicates: int = 0  # lines whose custom_id this run had answered already (not written again)
     by_node: Counter = field(default_factory=Counter)  # output lines per Ray node id
     elapsed_s: float = 0.0  # from the start of the pipeline to its last line
-    first_line_s: float | None = None  # from the start of the pipeline to its first line (start-up)
+    first_line_s: float | None = None  # from the start of the pipeline to its first lines (start-up)
+    first_tokens: int = 0  # completion tokens of those first lines
 
     def text(self, output: Path) -> str:
         rate = self.written / self.elapsed_s if self.elapsed_s else 0.0
@@ -108,11 +110,13 @@ def run_batch(input_path: str, output: Path, target: BatchTarget, address: str =
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         _configure_ray_data()
-        options = target.actor_options(ray.cluster_resources().get("GPU", 0.0))
+        cluster = ray.cluster_resources()
+        options = target.actor_options(cluster.get("GPU", 0.0))
+        actors = _actors(replicas or target.replicas, options, cluster)
         dataset = read_input(input_path, out.done).map_batches(
             BatchWorker, fn_constructor_args=(target.model, target.ingress), batch_format="numpy",
             batch_size=batch_size or BATCHES_PER_SLOT * target.model.engine.max_num_seqs,
-            compute=ray.data.ActorPoolStrategy(size=replicas or target.replicas), **options)
+            compute=ray.data.ActorPoolStrategy(size=actors), **options)
         with out, Progress(total, before, show_progress) as progress:
             _write(dataset, out, progress, summary)
     finally:
@@ -121,12 +125,23 @@ def run_batch(input_path: str, output: Path, target: BatchTarget, address: str =
     return summary
 
 
+def _actors(wanted: int, options: dict, cluster: dict) -> int:
+    actors = fitting_replicas(wanted, options, cluster, READ_CPUS)
+    if actors == 0:
+        raise RuntimeError(f"the Ray cluster has no room for one replica ({options}; it has {cluster})")
+    if actors < wanted:
+        print(f"conduit batch: {actors} of {wanted} replicas: the cluster has room for {actors} "
+              f"({options} each, {READ_CPUS} CPU kept for reading)", file=sys.stderr)
+    return actors
+
+
 def _write(dataset, out: OutputFile, progress: Progress, summary: BatchSummary) -> None:
     written = set(out.done.custom_ids)
     started = time.monotonic()
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         if summary.first_line_s is None:
             summary.first_line_s = time.monotonic() - started
+            summary.first_tokens = int(batch["completion_tokens"].sum())
         for line, tokens, node in zip(batch["line"], batch["completion_tokens"], batch["node"]):
             parsed = json.loads(line)
             custom_id = parsed["custom_id"]

@@ -3,10 +3,11 @@ engine settings), the ingress's limits, and one replica's Ray resources and how 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from app.config import ConfigError, IngressConfig, ModelConfig, parse_app_config
-from app.resources import replica_options, uses_gpu
+from app.resources import ALLOW_PENDING_NODES_ENV, replica_options, uses_gpu
 
 
 @dataclass
@@ -32,6 +33,18 @@ class BatchTarget:
         if isinstance(count, int):
             return count
         return int((self.deployment.get("autoscaling_config") or {}).get("max_replicas") or 1)
+
+
+def fitting_replicas(wanted: int, options: dict, cluster: dict[str, float], spare_cpus: float) -> int:
+    """How many of `wanted` actors with `options` the cluster's resources (`ray.cluster_resources()`)
+    hold, leaving `spare_cpus` for reading the input: Ray Data would wait forever for the rest. On an
+    autoscaling cluster (ALLOW_PENDING_NODES_ENV set) all of them: nodes may still come."""
+    if os.environ.get(ALLOW_PENDING_NODES_ENV):
+        return wanted
+    needs = {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0), **options.get("resources", {})}
+    room = {"CPU": cluster.get("CPU", 0) - spare_cpus}
+    fits = [int((room.get(name, cluster.get(name, 0)) + 1e-9) // need) for name, need in needs.items() if need > 0]
+    return max(0, min([wanted, *fits]))
 
 
 def find_target(apps: list[dict], model_id: str | None) -> BatchTarget:

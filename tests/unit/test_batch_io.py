@@ -195,3 +195,15 @@ def test_target_from_serve_config():
         find_target(apps, "nope")
     apps[0]["deployments"] = []
     assert find_target(apps, None).actor_options(1) == {"num_cpus": 1, "num_gpus": 1}  # device auto, GPUs there
+
+
+def test_replicas_that_fit_the_cluster(monkeypatch):
+    from app.batch.target import fitting_replicas
+
+    monkeypatch.delenv("CONDUIT_ALLOW_PENDING_NODES", raising=False)
+    assert fitting_replicas(2, {"num_cpus": 1}, {"CPU": 2.0}, 0.25) == 1  # room kept for reading the input
+    assert fitting_replicas(4, {"num_cpus": 1, "num_gpus": 1}, {"CPU": 16.0, "GPU": 2.0}, 0.25) == 2
+    assert fitting_replicas(2, {"num_cpus": 0.5, "resources": {"accel": 1}}, {"CPU": 3.0, "accel": 2.0}, 0.25) == 2
+    assert fitting_replicas(1, {"resources": {"accel": 1}}, {"CPU": 3.0}, 0.25) == 0
+    monkeypatch.setenv("CONDUIT_ALLOW_PENDING_NODES", "1")  # an autoscaler may add nodes
+    assert fitting_replicas(4, {"num_cpus": 1}, {"CPU": 2.0}, 0.25) == 4
