@@ -8,6 +8,10 @@
 then the ratios the project targets. Writes <out-dir>/benchmark.md, .png and .json.
 
     .venv/bin/python bench/compare.py [--concurrency 32] [--max-tokens 64] [--prompt-tokens 64] [--out-dir docs]
+        [--sweep 32,128,256] [--baseline-tree ../conduit-before]
+
+(b) also runs 128 and 256 streams (--sweep) in the same server, its batch slots raised to the largest;
+--baseline-tree runs an earlier commit's Conduit the same way, beside this one.
 
 Servers listen on 127.0.0.1 only. Conduit needs port 8000 (serve_config.yaml); if it is busy this
 waits for it rather than benchmark whatever is there.
@@ -128,10 +132,10 @@ class Server:
     """A server in its own session (process group), so it and everything it spawns (Ray's
     processes included) can be stopped together, and found by session id if anything lingers."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict | None = None):
+    def __init__(self, name: str, cmd: list[str], env: dict | None = None, cwd: Path = PROJECT_ROOT):
         self.name = name
         self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env={**os.environ, **(env or {})},
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})},
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log_tail(self, n: int = 15) -> str:
@@ -244,7 +248,28 @@ def row(summary: dict, max_tokens: int) -> dict:
             "summary": {k: v for k, v in summary.items() if k != "requests"}}
 
 
-def run_conduit(args) -> dict:
+def sweep_config(args, path: Path) -> Path:
+    """serve_config.yaml with batch slots, KV cache and queues for the largest sweep load: every
+    stream of it decodes at once (`max_num_seqs`), nothing waits in Serve's or the engine's queue;
+    one model replica (no autoscaling), so every load runs on the same engine."""
+    import yaml
+
+    most = max(args.sweep)
+    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    model = next(m for m in app["args"]["models"] if m["name"] == CONDUIT_MODEL)
+    per_sequence = -(-(2 * args.prompt_tokens + args.max_tokens + 16) // 16)  # blocks; ~2 tokens a word
+    model["engine"].update(max_num_seqs=most, max_waiting=most, num_kv_blocks=most * per_sequence)
+    options = next(d for d in app["deployments"] if d["name"] == f"Model-{CONDUIT_MODEL}")
+    options.pop("autoscaling_config", None)  # one model replica throughout: a second would share the 2 cores
+    options.update(num_replicas=1, max_ongoing_requests=most + 16, max_queued_requests=2 * most)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_conduit(args, tree: Path = PROJECT_ROOT) -> dict:
+    """Conduit from `tree` (this checkout, or --baseline-tree: an earlier commit's checkout, run with
+    this venv) through its HTTP ingress: the loaded run with its CPU profile, 1 client, the sweep."""
     waited = 0
     while port_busy(8000):  # someone else's server: wait rather than measure it
         if waited % 30 == 0:
@@ -254,8 +279,9 @@ def run_conduit(args) -> dict:
         if waited > 600:
             raise RuntimeError("port 8000 stayed busy for 10 minutes")
     # RAY_ADDRESS=local: always a fresh Ray instance of our own, never one already running here
-    server = Server("conduit", [str(VENV_BIN / "conduit"), "run", "serve_config.yaml"],
-                    env={"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"})
+    config = sweep_config(args, Path(tempfile.mkdtemp()) / "serve_config.yaml")
+    server = Server("conduit", [sys.executable, "-m", "app.cli", "run", str(config)], cwd=tree,
+                    env={"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local", "PYTHONPATH": str(tree)})
     try:
         started = time.monotonic()
         server.wait_ready(CONDUIT_URL, CONDUIT_MODEL)
@@ -267,14 +293,30 @@ def run_conduit(args) -> dict:
         profile = cpu_ms_per_token(cpu_before, cpu_seconds_by_process(server.proc.pid), tokens)
         profile["benchmark client (this process)"] = (time.process_time() - client_before) * 1e3 / tokens
         print("  CPU ms per output token:", ", ".join(f"{n} {v:.2f}" for n, v in profile.items()), flush=True)
+        print(f"  serving path (all but the model replica and the client): {serving_path(profile):.2f}", flush=True)
         print("  1 client (TTFT) ...", flush=True)
         single = single_client_run(CONDUIT_URL, args)
-        direct = bypass_proxy(server.proc.pid, args)
+        sweep = {args.concurrency: row(loaded, args.max_tokens)}
+        for clients in (c for c in args.sweep if c != args.concurrency):
+            print(f"  {clients} clients ...", flush=True)
+            sweep[clients] = row(loaded_run(CONDUIT_URL, args, clients), args.max_tokens)
+        direct = bypass_proxy(server.proc.pid, args) if tree == PROJECT_ROOT else {}
     finally:
         print("  stopping Conduit ...", flush=True)
         server.stop()
     return {"loaded": row(loaded, args.max_tokens), "single": row(single, args.max_tokens), "cpu_profile": profile,
-            **direct}
+            "sweep": {str(c): sweep[c] for c in sorted(sweep)}, "commit": commit_of(tree), **direct}
+
+
+def commit_of(tree: Path) -> str:
+    return subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], check=False,
+                          capture_output=True, text=True).stdout.strip() or "?"
+
+
+def serving_path(profile: dict[str, float]) -> float:
+    """CPU ms per output token of every process but the model replica and the load generator: what
+    carrying tokens from the engine to the client costs (proxy, ingress, tokenizer, Ray's own)."""
+    return sum(v for name, v in profile.items() if not name.startswith(("Model-", "benchmark client")))
 
 
 def bypass_proxy(sid: int, args) -> dict:
@@ -289,8 +331,11 @@ def bypass_proxy(sid: int, args) -> dict:
     return {"direct_loaded": row(loaded, args.max_tokens), "direct_single": row(single, args.max_tokens)}
 
 
-def loaded_run(url: str, args) -> dict:
-    return bench(url, CONDUIT_MODEL, concurrency=args.concurrency, num_requests=args.num_requests,
+def loaded_run(url: str, args, clients: int | None = None) -> dict:
+    """`clients` streaming clients (default --concurrency); past it, 2 requests per client."""
+    clients = clients or args.concurrency
+    requests = args.num_requests if clients == args.concurrency else 2 * clients
+    return bench(url, CONDUIT_MODEL, concurrency=clients, num_requests=requests,
                  prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
 
 
@@ -376,11 +421,16 @@ def markdown(results: dict, unavailable: dict, args, info: dict, command: str) -
     }
     lines = ["| system | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) |", "|---|---:|---:|---:|"]
     entries = [("ceiling", results.get("ceiling")), ("conduit", results.get("conduit", {}).get("loaded")),
-               ("conduit1", results.get("conduit", {}).get("single")), ("cb", results.get("cb")),
-               ("unbatched", results.get("unbatched"))]
+               ("conduit1", results.get("conduit", {}).get("single"))]
+    if "baseline" in results:
+        commit = results["baseline"]["commit"]
+        labels["baseline"] = f"(b0) Conduit at {commit} (`--baseline-tree`), {c} streaming clients"
+        labels["baseline1"] = f"(b0) Conduit at {commit}, 1 client"
+        entries += [("baseline", results["baseline"]["loaded"]), ("baseline1", results["baseline"]["single"])]
+    entries += [("cb", results.get("cb")), ("unbatched", results.get("unbatched"))]
     for key, r in entries:
         if r is None:
-            reason = unavailable.get("conduit" if key == "conduit1" else key, "not run")
+            reason = unavailable.get(key.removesuffix("1"), "not run")
             lines.append(f"| {labels[key]} | unavailable: {reason} | | |")
             continue
         note = "" if r.get("all_full_length", True) else " (some requests ended early at EOS)"
@@ -410,6 +460,8 @@ the table flags any run where a request ended before {m} tokens. The unbatched b
 {chr(10).join(ratios)}
 
 {cpu_section(results)}
+
+{sweep_section(results)}
 
 ## Machine
 
@@ -444,16 +496,43 @@ def cpu_section(results: dict) -> str:
     if not profile or "ceiling" not in results:
         return ""
     total = sum(profile.values())
-    lines = ["## Where the time goes (CPU ms per output token, loaded run)", "",
-             "| process | CPU ms / token |", "|---|---:|"]
-    lines += [f"| {name} | {value:.2f} |" for name, value in profile.items()]
-    lines.append(f"| **all processes** | **{total:.2f}** |")
+    old = results.get("baseline", {}).get("cpu_profile")
+    head = ["## Where the time goes (CPU ms per output token, loaded run)", ""]
+    if old is None:
+        lines = head + ["| process | CPU ms / token |", "|---|---:|"]
+        lines += [f"| {name} | {value:.2f} |" for name, value in profile.items()]
+        lines.append(f"| **serving path: all but the model replica and the client** | **{serving_path(profile):.2f}** |")
+        lines.append(f"| **all processes** | **{total:.2f}** |")
+    else:
+        commit = results["baseline"]["commit"]
+        lines = head + [f"| process | now ({results['conduit']['commit']}) | at {commit} |", "|---|---:|---:|"]
+        lines += [f"| {name} | {profile.get(name, 0):.2f} | {old.get(name, 0):.2f} |" for name in {**old, **profile}]
+        lines.append(f"| **serving path: all but the model replica and the client** | "
+                     f"**{serving_path(profile):.2f}** | **{serving_path(old):.2f}** |")
+        lines.append(f"| **all processes** | **{total:.2f}** | **{sum(old.values()):.2f}** |")
     lines.append(f"| (a) in-process ceiling, for comparison | {results['ceiling']['cpu_ms_per_token']:.2f} |")
     cores = os.cpu_count() or 1
     lines += ["", f"On {cores} cores this CPU bill alone caps the served rate at {cores * 1e3 / total:,.0f} tok/s, "
               f"whatever the scheduling; the ceiling's bill caps it at "
               f"{cores * 1e3 / results['ceiling']['cpu_ms_per_token']:,.0f} tok/s."]
     return "\n".join(lines + proxy_lines(results["conduit"]))
+
+
+def sweep_section(results: dict) -> str:
+    """Throughput and TTFT as the number of streams grows, in one server (and the baseline's)."""
+    runs = [(f"now ({r['commit']})", r["sweep"]) for r in (results.get("conduit"), results.get("baseline"))
+            if r and "sweep" in r]
+    if not runs:
+        return ""
+    lines = ["## More streams (same server: batch slots for the largest load)", "",
+             "| Conduit | clients | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, sweep in runs:
+        name = name if name.startswith("now") else "at " + name.removeprefix("now (").rstrip(")")
+        for clients, r in sweep.items():
+            lines.append(f"| {name} | {clients} | {fmt(r['output_throughput'])} | {fmt(r['ttft_ms_p50'], 1)} | "
+                         f"{fmt(r['summary']['ttft_ms'].get('p99'), 1)} | {fmt(r['tpot_ms_p50'], 1)} |")
+    return "\n".join(lines)
 
 
 def proxy_lines(conduit: dict) -> list[str]:
@@ -475,15 +554,32 @@ def plot(results: dict, path: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["(a) in-process\nceiling", "(b) Conduit", "(c) transformers\nserve CB", "(d) unbatched"]
-    keys = ["ceiling", "conduit", "cb", "unbatched"]
-    values = [(results["conduit"]["loaded"] if k == "conduit" else results[k])["output_throughput"]
+    names = ["(a) in-process\nceiling", "(b) Conduit", "(b0) Conduit\nbaseline", "(c) transformers\nserve CB",
+             "(d) unbatched"]
+    keys = ["ceiling", "conduit", "baseline", "cb", "unbatched"]
+    values = [(results[k]["loaded"] if k in ("conduit", "baseline") else results[k])["output_throughput"]
               if k in results else 0.0 for k in keys]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    bars = ax.bar(names, values, color=["0.6", "C0", "C1", "C2"])
+    fig, (ax, sweep_tps, sweep_ttft) = plt.subplots(1, 3, figsize=(16, 4.5), width_ratios=[2, 1, 1])
+    bars = ax.bar(names, values, color=["0.6", "C0", "C4", "C1", "C2"])
     ax.bar_label(bars, labels=[f"{v:,.0f}" if v else "n/a" for v in values])
     ax.set_ylabel("output tokens/s")
     ax.set_title(f"demo model, {args.concurrency} streaming clients x {args.max_tokens} tokens")
+    for key, color in (("conduit", "C0"), ("baseline", "C4")):
+        sweep = results.get(key, {}).get("sweep")
+        if not sweep:
+            continue
+        clients = [int(c) for c in sweep]
+        label = f"{key} ({results[key]['commit']})"
+        sweep_tps.plot(clients, [r["output_throughput"] for r in sweep.values()], "o-", color=color, label=label)
+        sweep_ttft.plot(clients, [r["ttft_ms_p50"] for r in sweep.values()], "o-", color=color, label=label)
+    for axis, what in ((sweep_tps, "output tokens/s"), (sweep_ttft, "TTFT p50 (ms)")):
+        axis.set_xlabel("concurrent streams")
+        axis.set_ylabel(what)
+        axis.set_xscale("log", base=2)
+        axis.set_ylim(bottom=0)
+        axis.legend(fontsize=8)
+    sweep_tps.set_title("Conduit: throughput vs streams")
+    sweep_ttft.set_title("Conduit: TTFT vs streams")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -497,6 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-requests", type=int, default=None, help="per loaded run (default 4 x concurrency)")
     parser.add_argument("--baseline-requests", type=int, default=16, help="requests for the unbatched baseline")
     parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "docs")
+    parser.add_argument("--sweep", type=lambda v: [int(c) for c in v.split(",")], default=[32, 128, 256],
+                        help="concurrent streams for the throughput/TTFT sweep (max_num_seqs is raised to the largest)")
+    parser.add_argument("--baseline-tree", type=Path, default=None,
+                        help="a checkout of an earlier commit (git worktree add): its Conduit runs the same loads "
+                        "with this venv, shown beside this tree's")
     args = parser.parse_args(argv)
     args.num_requests = args.num_requests or 4 * args.concurrency
     command = " ".join([".venv/bin/python bench/compare.py", *(sys.argv[1:] if argv is None else argv)])
@@ -518,6 +619,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # report, and still measure the others
         unavailable["conduit"] = str(e).splitlines()[0]
         print(f"  FAILED: {e}", flush=True)
+
+    if args.baseline_tree:
+        phase(f"(b0) Conduit from {args.baseline_tree} ({commit_of(args.baseline_tree)})")
+        try:
+            results["baseline"] = run_conduit(args, args.baseline_tree.resolve())
+        except Exception as e:
+            unavailable["baseline"] = str(e).splitlines()[0]
+            print(f"  FAILED: {e}", flush=True)
 
     phase("(c) transformers serve --continuous-batching")
     try:
