@@ -35,6 +35,10 @@ LIVE_ALLOWANCES: dict[str, tuple[dict, str]] = {
     f"{_CHOICE}/logprobs/anyOf/0/properties/top_logprobs/items": (NULL, "echo: the first prompt token"),
     # `encoding_format: "base64"` (the openai SDK's default): the vector as base64 of float32s
     "Embedding/properties/embedding": ({"type": "string", "contentEncoding": "base64"}, "encoding_format base64"),
+    # a response not yet ended (response.created, a queued background one) has `"usage": null`
+    "Response/allOf/2/properties/usage": (NULL, "Responses before they end"),
+    # the deprecated `user` of a response whose request set none
+    "ModelResponseProperties/properties/user": (NULL, "Responses without user"),
 }
 
 

@@ -249,3 +249,40 @@ def test_shared_request_id_never_merges_outputs(server):
 
     alone, shared = asyncio.run(run())
     assert shared == alone
+
+
+def test_hostile_responses_requests_get_4xx_in_the_responses_shape(server):
+    """OpenAI's Responses API: unknown item types, previous_response_id that does not exist or was
+    deleted, a 10k-item input, and every route given a deleted id: each a 4xx with OpenAI's error
+    object, never a 5xx; the server keeps serving."""
+    def create(**fields) -> httpx.Response:
+        return httpx.post(f"{server}/v1/responses", json={"model": SECOND_MODEL, "max_output_tokens": 2, **fields},
+                          timeout=60)
+
+    deleted = create(input="hi").json()["id"]
+    assert httpx.delete(f"{server}/v1/responses/{deleted}", timeout=10).status_code == 200
+    answers = {
+        "unknown item type": create(input=[{"type": "telepathy", "content": "hi"}]),
+        "reasoning item": create(input=[{"type": "reasoning", "id": "rs_1", "summary": []}]),
+        "image part": create(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
+        "item not an object": create(input=["hi"]),
+        "empty input": create(input=[]),
+        "missing previous": create(input="hi", previous_response_id="resp_does_not_exist"),
+        "deleted previous": create(input="hi", previous_response_id=deleted),
+        "10k items": create(input=[{"role": "user", "content": "hi"}] * 10_000),
+        "10k calls": create(input=[{"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": "{}"}
+                                   for i in range(10_000)]),
+        "output without call": create(input=[{"type": "function_call_output", "call_id": "x", "output": "y"}]),
+        "built-in tool": create(input="hi", tools=[{"type": "web_search"}]),
+        "retrieve deleted": httpx.get(f"{server}/v1/responses/{deleted}", timeout=10),
+        "delete deleted": httpx.delete(f"{server}/v1/responses/{deleted}", timeout=10),
+        "cancel deleted": httpx.post(f"{server}/v1/responses/{deleted}/cancel", timeout=10),
+        "items of deleted": httpx.get(f"{server}/v1/responses/{deleted}/input_items", timeout=10),
+        "items limit 0": httpx.get(f"{server}/v1/responses/{deleted}/input_items?limit=0", timeout=10),
+    }
+    wrong = [f"{label}: {r.status_code} {r.text[:200]}" for label, r in answers.items()
+             if not 400 <= r.status_code < 500 or not isinstance(r.json().get("error", {}).get("message"), str)]
+    assert not wrong, "\n".join(wrong)
+    assert answers["10k items"].json()["error"]["param"] == "input"
+    assert answers["deleted previous"].status_code == answers["retrieve deleted"].status_code == 404
+    assert create(input="still serving").status_code == 200
