@@ -78,6 +78,13 @@ class ModelRunner:
         return self._run([(seq.block_ids, [seq.last_token_id], seq.num_tokens - 1, seq.num_tokens) for seq in seqs],
                          logits_to_keep=0)
 
+    def verify(self, spans: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
+        """Speculative decoding's scoring forward: each (sequence, draft) computes [last token, *draft]
+        at its positions, K/V written for each; every position's logits [sum(len(draft) + 1), vocab], in
+        order. An empty draft is a plain decode row."""
+        return self._run([(seq.block_ids, [seq.last_token_id] + draft, seq.num_tokens - 1, seq.num_tokens + len(draft))
+                          for seq, draft in spans], logits_to_keep=0)
+
     def forward(self, spans: list[tuple[Sequence, int, int]]) -> torch.Tensor:
         """Any mix of prefills, prefix-cached prefills and decodes in one forward: (sequence, start,
         end) computes its tokens [start, end) over its cached [0, start). Last-token logits [batch, vocab]."""
