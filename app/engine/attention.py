@@ -7,25 +7,29 @@ A forward is packed ("varlen"): the new tokens of every sequence in the batch, o
 a single row of `T` tokens (no padding), whether each sequence computes one token (decode), its
 whole prompt (prefill), the part after a cached prefix, or a mix of these. Attention is PyTorch's
 FlexAttention, compiled, over the whole pool seen as one `[1, kv_heads, rows, head_dim]` key/value
-sequence (a strided view, no copy), with a `BlockMask` whose KV blocks are the cache's blocks: query
-token t lists the blocks of its sequence's block table, so the kernel visits those blocks only,
-in place. Blocks wholly before t's position are "full" (no mask evaluated); t's own block is
-"partial", masked to offsets <= t's. A shared prefix block sits at the same position in every
-sequence holding it (block_manager.py shares block i only as block i), so one block table per
-token is all the kernel needs.
+sequence (a strided view, no copy), with a `BlockMask` whose KV blocks are the cache's blocks.
+Queries go in tiles of one sequence's tokens (CPU: 1 token when decoding, 16 when prompts are
+computed; CUDA: 16, Triton's smallest; a sequence's last tile is padded, its pad rows attend
+nothing). Each tile lists the blocks of its sequence's block table, so the kernel visits those
+blocks only, in place: blocks wholly before the tile's first position are "full" (no mask
+evaluated), the rest up to its last position "partial", masked by position. A block's position
+is the same in every sequence holding it (block_manager.py shares block i only as block i), so one
+block -> position table per step serves the mask.
 
 Why compiled: eager FlexAttention is a reference implementation that materialises scores over the
 whole pool. Compiled on CPU it is Inductor's C++ FlexAttention template; on CUDA, Triton's. The
-shapes that vary (the token count `T`) are dynamic after the second distinct value, and every
-buffer the mask reads has a fixed size (grown by doubling when outgrown), so the kernel compiles
-twice per process and then never again; the runner does both compilations at start-up.
-Two limits of torch 2.13's CPU template shaped this file: it does not compile a dynamic-size
-tensor captured by `mask_mod` (hence the fixed-size offset buffer), and its decoding variant for
-one query per batch entry scans the whole pool per query (hence one batch entry, `T` queries).
+token count is dynamic after its second distinct value, and every buffer the mask reads has a
+fixed size (grown by doubling when outgrown), so a runner compiles twice per tile size and then
+no more; it does that at start-up. Two limits of torch 2.13's CPU template shaped this file: it
+does not compile a dynamic-size tensor captured by `mask_mod` (hence fixed-size buffers), and its
+decoding variant for one query per batch entry scans the whole pool per query (hence one batch
+entry holding every query). CUDA is written to the same design but not yet run (no GPU here):
+bench/gpu_check.py checks it against `generate`; the KV block size must be a multiple of 16 there.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -33,8 +37,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 CPU_PREFILL_TILE = 16
 LOGICAL_SLOTS = 1 << 16
 MAX_TILE = 64  # query rows per attention tile, at most
-# Triton's tl.dot needs 16-row tiles, and so KV blocks a multiple of 16 tokens, on CUDA
-KERNEL_OPTIONS = {"cuda": {"BLOCK_M": 16, "BLOCK_N": 16}}
+# CUDA: Triton's tl.dot needs 16-row tiles (and so KV blocks a multiple of 16 tokens); the main
+# kernel, not the decoding one, which assumes one query tile per batch entry
+KERNEL_OPTIONS = {"cuda": {"BLOCK_M": 16, "BLOCK_N": 16, "FORCE_USE_FLEX_ATTENTION": True}}
 ATTENTION = "conduit_paged"  # the name the model's attention layers look this implementation up by
 _flex_attention = torch.compile(flex_attention, fullgraph=True)
 # Each (block size, tile, pool size) compiles up to twice (static, then dynamic in the token count).
@@ -96,7 +101,7 @@ class PagedKVCache:
         self.write: torch.Tensor | None = None  # this forward's new tokens' pool rows
         # each block's index in the block tables that hold it (the same in all of them: block_manager
         # shares block i only as block i); the mask reads it on partial blocks
-        self._logical = torch.zeros(num_blocks, dtype=torch.long)
+        self._logical = np.zeros(num_blocks, np.int64)
         # a fixed size for any pool up to LOGICAL_SLOTS blocks: engines of different sizes in one process
         # (tests) then share compilations
         slots = max(LOGICAL_SLOTS, 1 << (num_blocks - 1).bit_length())
@@ -108,52 +113,60 @@ class PagedKVCache:
         """Before a forward of the packed tokens of `spans`: (block table, start, end), a sequence
         computing its positions [start, end) over its cached [0, start). Attention runs on query
         tiles of `tile` rows, each of one sequence (its last tile padded). Returns the attention mask
-        and, when tiles pad, the padded row of each packed token (None when they do not)."""
-        bs = self.block_size
-        starts = torch.tensor([start for _, start, _ in spans])
-        new = torch.tensor([end - start for _, start, end in spans])
-        width = max(-(-end // bs) for _, _, end in spans)
-        tables = torch.tensor([ids[:width] + [0] * (width - len(ids[:width])) for ids, _, _ in spans])
-        seq = torch.repeat_interleave(torch.arange(len(spans)), new)  # the sequence of each packed token
-        pos = torch.arange(len(seq)) - torch.repeat_interleave(new.cumsum(0) - new, new) + starts[seq]
-        self.write = (tables[seq, pos // bs] * bs + pos % bs).to(self.device)
-        tiles = -(-new // tile)
-        padded = torch.repeat_interleave((tiles.cumsum(0) - tiles) * tile - (new.cumsum(0) - new), new) + torch.arange(
-            len(seq))  # row of each packed token once every sequence starts a tile
-        qpos = torch.full((int(tiles.sum()) * tile,), -1, dtype=torch.long)  # -1: a padding row, attends nothing
-        qpos[padded] = pos
-        tile_seq = torch.repeat_interleave(torch.arange(len(spans)), tiles)
-        tile_pos = qpos.view(-1, tile)
-        first, last = tile_pos[:, 0], tile_pos.max(1).values
-        full = (first + 1) // bs  # blocks wholly at or before every row of the tile: not masked
-        held = torch.arange(width) < torch.tensor([len(ids) for ids, _, _ in spans])[:, None]  # not padding
-        self._logical[tables[held]] = torch.arange(width).expand_as(tables)[held]
-        mask = self._mask(tables[tile_seq], full, last // bs + 1 - full, qpos, tile)
-        return mask, (None if tile == 1 else padded.to(self.device))
+        and, when tiles pad, the padded row of each packed token (None when they do not).
+        Index arithmetic in numpy: a step's few dozen small operations cost several times more as
+        torch calls, which matters most to small batches."""
+        bs, count = self.block_size, len(spans)
+        starts = np.fromiter((start for _, start, _ in spans), np.int64, count)
+        ends = np.fromiter((end for _, _, end in spans), np.int64, count)
+        new = ends - starts
+        width = int(-(-ends.max() // bs))
+        tables = np.zeros((count, width), np.int64)
+        held = np.zeros((count, width), bool)  # table entries that are real blocks, not padding
+        for i, (ids, _, _) in enumerate(spans):
+            row = ids[:width]
+            tables[i, : len(row)] = row
+            held[i, : len(row)] = True
+        seq = np.repeat(np.arange(count), new)  # the sequence of each packed token
+        before = np.cumsum(new) - new  # packed tokens of the sequences before each
+        pos = np.arange(len(seq)) - np.repeat(before, new) + starts[seq]
+        self.write = torch.from_numpy(tables[seq, pos // bs] * bs + pos % bs).to(self.device)
+        self._logical[tables[held]] = np.broadcast_to(np.arange(width), tables.shape)[held]
+        if tile == 1:
+            qpos, tile_seq, padded = pos, seq, None
+        else:
+            tiles = -(-new // tile)
+            padded = np.repeat((np.cumsum(tiles) - tiles) * tile - before, new) + np.arange(len(seq))
+            qpos = np.full(int(tiles.sum()) * tile, -1, np.int64)  # -1: a padding row, attends nothing
+            qpos[padded] = pos
+            tile_seq = np.repeat(np.arange(count), tiles)
+            padded = torch.from_numpy(padded).to(self.device)
+        tile_pos = qpos.reshape(-1, tile)
+        full = (tile_pos[:, 0] + 1) // bs  # blocks wholly at or before every row of the tile: not masked
+        partial = tile_pos.max(1) // bs + 1 - full
+        return self._mask(tables[tile_seq], full, partial, qpos, tile), padded
 
-    def _mask(self, tile_tables: torch.Tensor, full: torch.Tensor, partial: torch.Tensor, qpos: torch.Tensor,
+    def _mask(self, tile_tables: np.ndarray, full: np.ndarray, partial: np.ndarray, qpos: np.ndarray,
               tile: int) -> BlockMask:
         tiles, width = tile_tables.shape
         reach = self._reach(tile)  # most blocks one tile's rows end in
-        if qpos.numel() > self._rows or width > self._width:
-            self._grow(max(qpos.numel(), self._rows), max(width, self._width))
-        n = self.num_blocks
-        self._qpos[: qpos.numel()].copy_(qpos)
-        table_rows = self._tables.view(-1)[: self._rows * self._width].view(self._rows, self._width)
-        table_rows[:tiles, :width].copy_(tile_tables)
-        cols = (full[:, None] + torch.arange(reach)).clamp(max=width - 1)
-        self._partial.view(-1)[: self._rows * reach].view(self._rows, reach)[:tiles].copy_(
-            tile_tables.gather(1, cols))
+        if len(qpos) > self._rows or width > self._width:
+            self._grow(max(len(qpos), self._rows), max(width, self._width))
+        n, rows = self.num_blocks, self._rows
+        own = tile_tables[np.arange(tiles)[:, None], np.minimum(full[:, None] + np.arange(reach), width - 1)]
+        self._qpos[: len(qpos)].copy_(torch.from_numpy(qpos))
+        self._tables[: rows * self._width].view(rows, self._width)[:tiles, :width].copy_(torch.from_numpy(tile_tables))
+        self._partial[: rows * reach].view(rows, reach)[:tiles].copy_(torch.from_numpy(own))
+        self._logical_device[:n].copy_(torch.from_numpy(self._logical))
+        partial_count, full_count = (torch.from_numpy(c.astype(np.int32)).view(1, 1, tiles).to(self.device)
+                                     for c in (partial, full))
         # [1, 1, tiles, num_blocks] views of small buffers: the kernel reads only each tile's first
         # `count` entries, but wants the last dim to span the pool (rows then overlap, harmlessly)
         full_idx = self._tables.as_strided((1, 1, tiles, n), (0, 0, self._width, 1))
-        partial_idx = self._partial[: self._rows * reach + n].as_strided((1, 1, tiles, n), (0, 0, reach, 1))
-        partial_count = partial.to(torch.int32).view(1, 1, tiles).to(self.device)
-        full_count = full.to(torch.int32).view(1, 1, tiles).to(self.device)
-        self._logical_device[: self.num_blocks].copy_(self._logical)
-        return BlockMask.from_kv_blocks(partial_count, partial_idx, full_count, full_idx, BLOCK_SIZE=(tile, self.block_size),
-                                        mask_mod=self._mask_mod, seq_lengths=(qpos.numel(), n * self.block_size),
-                                        compute_q_blocks=False)
+        partial_idx = self._partial.as_strided((1, 1, tiles, n), (0, 0, reach, 1))
+        return BlockMask.from_kv_blocks(partial_count, partial_idx, full_count, full_idx,
+                                        BLOCK_SIZE=(tile, self.block_size), mask_mod=self._mask_mod,
+                                        seq_lengths=(len(qpos), n * self.block_size), compute_q_blocks=False)
 
     def _reach(self, tile: int) -> int:
         return (tile - 2) // self.block_size + 2 if tile > 1 else 1

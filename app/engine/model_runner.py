@@ -16,17 +16,18 @@ of the pool by block table every layer, then SDPA):
     $ .venv/bin/python bench/attention.py --rounds 3 --steps 24 --threads 1   (2026-11-30)
     batch |  decode step ms     |  output tok/s       |  prefill of the batch ms
           |  gather   in place  |  gather   in place  |  gather   in place
-        1 |    7.05       8.99  |     142        111  |    25.6       25.1
-        8 |   15.64      10.33  |     512        775  |   122.5      123.4
-       32 |   33.61      30.88  |     952       1036  |  1043.0      689.6
+        1 |    7.60      10.42  |     132         96  |    37.8       29.1
+        8 |   12.66      15.29  |     632        523  |   227.5      161.9
+       32 |   30.96      28.20  |    1033       1135  |   859.1      676.4
 
-One torch thread, as a served replica runs (`num_cpus: 1`). The machine was shared with other
-jobs (load average 3.6-6), so absolute figures swing from run to run. A second run (2 threads,
-heavier load, decode steps 3-10x slower for both) agreed on batch 1 (in place behind), batch 32
-decode and every prefill (in place ahead), and disagreed on batch 8 (in place behind there).
-Where it loses, it is fixed costs per step, not attention: building the block mask in Python and
-dynamo's guard check before each layer's compiled kernel, which at batch 1 and 128 tokens of
-context the gather it removes does not repay.
+One torch thread, as a served replica runs (`num_cpus: 1`), on a machine shared with other jobs
+(load average 3.5-7), so absolute figures swing from run to run. Two earlier runs (of this code
+before its block-mask arithmetic moved from torch to numpy) agree at batch 1 (in place behind by
+2-3 ms a step), batch 32 decode and every prefill (in place ahead); batch 8 went both ways (in
+place at 10.3 vs 15.6 ms in one, behind in the other). Where it loses, it is fixed costs per step,
+not attention: the block mask built on the host, and dynamo's guard check before each layer's
+compiled kernel (0.4-0.6 ms a call in a micro-benchmark here, against 0.04-0.14 ms for a batch-1
+gather + SDPA), which the gather it removes does not repay at small batches and ~128-token contexts.
 
 The kernel compiles at start-up (twice per query tile, ~10-40 s on this machine, then cached on
 disk by Inductor, a few seconds on later starts). Memory: the pool is exactly the blocks; a shared
