@@ -22,12 +22,13 @@ of the pool by block table every layer, then SDPA):
 
 One torch thread, as a served replica runs (`num_cpus: 1`), on a machine shared with other jobs
 (load average 3.5-7), so absolute figures swing from run to run. Two earlier runs (of this code
-before its block-mask arithmetic moved from torch to numpy) agree at batch 1 (in place behind by
-2-3 ms a step), batch 32 decode and every prefill (in place ahead); batch 8 went both ways (in
-place at 10.3 vs 15.6 ms in one, behind in the other). Where it loses, it is fixed costs per step,
-not attention: the block mask built on the host, and dynamo's guard check before each layer's
-compiled kernel (0.4-0.6 ms a call in a micro-benchmark here, against 0.04-0.14 ms for a batch-1
-gather + SDPA), which the gather it removes does not repay at small batches and ~128-token contexts.
+before its block-mask arithmetic moved from torch to numpy) agree at batch 1 decode (in place 2-3
+ms a step behind in all three) and at batch 32, decode and prefill (in place ahead in all three);
+batch 8 decode was behind in two of the three (10.3 vs 15.6 ms ahead in the other). Where it
+loses, it is fixed costs per step, not attention: the block mask built on the host, and dynamo's
+guard check before each layer's compiled kernel (0.4-0.6 ms a call in a micro-benchmark here,
+against 0.04-0.14 ms for a batch-1 gather + SDPA), which the gather it removes does not repay at
+small batches and ~128-token contexts.
 
 The kernel compiles at start-up (twice per query tile, ~10-40 s on this machine, then cached on
 disk by Inductor, a few seconds on later starts). Memory: the pool is exactly the blocks; a shared
