@@ -47,8 +47,9 @@ class LineError:
     line_id: str | None = None  # the output id of a line with none: the same for the same text
 
 
-def parse_line(text: str, utf8: bool = True) -> BatchLine | LineError:
-    """`utf8`: whether the line's bytes were UTF-8 (`text` then holds them decoded with replacements)."""
+def parse_line(text: str, utf8: bool = True, urls: Iterable[str] = URLS) -> BatchLine | LineError:
+    """`utf8`: whether the line's bytes were UTF-8 (`text` then holds them decoded with replacements);
+    `urls`: the routes a line may ask for (the Batch API's, which take embeddings too)."""
     if not utf8:
         return LineError("invalid_encoding", "The line is not UTF-8 text", line_id=line_id(text))
     try:
@@ -66,8 +67,8 @@ def parse_line(text: str, utf8: bool = True) -> BatchLine | LineError:
     if obj.get("method") != METHOD:
         return LineError("invalid_method", f"method must be {METHOD!r}", custom_id)
     url = obj.get("url")
-    if url not in URLS:
-        supported = ", ".join(URLS)
+    if url not in urls:
+        supported = ", ".join(urls)
         return LineError("invalid_url", f"url {url!r} is not supported here; use one of {supported}", custom_id)
     if not isinstance(obj.get("body"), dict):
         return LineError("invalid_body", "body must be a JSON object", custom_id)

@@ -6,7 +6,9 @@ retention sweep; each kind of record has its own small repository on top of it (
 `ResponseStore`). Embedded SQLite is the default; any SQLAlchemy URL works (PostgreSQL for a
 cluster, where replicas on several nodes must see the same rows)."""
 
+from app.store.batches import BatchStore
 from app.store.db import Database
+from app.store.files import FileStore
 from app.store.responses import ResponseStore
 
-__all__ = ["Database", "ResponseStore"]
+__all__ = ["BatchStore", "Database", "FileStore", "ResponseStore"]

@@ -33,3 +33,40 @@ response_items = sa.Table(
     sa.Column("item_id", sa.String(64), nullable=False),
     sa.Column("body", Json, nullable=False),
 )
+
+# Uploaded files and batch output files: the wire object's fields; the bytes live in StoreConfig.files_dir.
+files = sa.Table(
+    "files",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("filename", sa.String(512), nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+)
+
+# One row per batch: its wire object in `body`; `runner`/`lease_until`: which ingress replica runs it,
+# and until when its claim holds without a heartbeat (then another replica takes it over).
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("body", Json, nullable=False),
+    sa.Column("runner", sa.String(64), nullable=True),
+    sa.Column("lease_until", sa.Float, nullable=True),
+)
+
+# A batch's answered input lines, each recorded as it finishes (a resumed batch skips them): the
+# output line, and whether it goes to the error file.
+batch_lines = sa.Table(
+    "batch_lines",
+    metadata,
+    sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),  # the input line's index among its non-blank lines
+    sa.Column("failed", sa.Boolean, nullable=False),
+    sa.Column("line", sa.Text, nullable=False),
+)

@@ -67,7 +67,7 @@ def message(item_id: str, role: str, text: str) -> dict:
 def test_migrates_once_and_keeps_records_across_restarts(url):
     async def first(db, store):
         async with db.connect() as conn:
-            assert await current_revision(conn) == "0001"
+            assert await current_revision(conn) == "0002"
         await store.save("key-a", response("resp_1"), [message("msg_1", "user", "héllo\x00 ☃ 𝄞")], [])
 
     async def second(db, store):  # a new process: migrating again changes nothing, the record is there
@@ -90,7 +90,7 @@ def test_concurrent_starts_migrate_once(url):
 
     async def check(db, store):
         async with db.connect() as conn:
-            assert await current_revision(conn) == "0001"
+            assert await current_revision(conn) == "0002"
 
     run(url, check)
 

@@ -1,0 +1,130 @@
+"""OpenAI's Files API (`/v1/files`), and the adapter that also serves the Batch API (batches.py) on
+the same store: file records in the database, their bytes in StoreConfig.files_dir. A `batch`
+file must be JSONL (each non-blank line a JSON object); files belong to the API key that uploaded
+them (another key's id is a 404, as a missing one). Uploads are bounded by store.max_file_bytes
+and, before that, by ingress.max_request_bytes (every request body is)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+
+from app.api.adapter import Adapter, adapter
+from app.api.errors import ConduitError, invalid
+from app.api.pipeline import Pipeline
+from app.api.wire.batches import batch_routes
+from app.api.wire.batches_runner import BatchRunner
+from app.api.wire.openai import error_body
+from app.config import AppConfig
+from app.limits import current_call
+from app.store import BatchStore, Database, FileStore
+
+PREFIX = "/v1/files"
+PURPOSES = ("batch",)  # what may be uploaded; `batch_output` files are made by batches
+CHUNK = 1 << 20
+
+
+def file_not_found(file_id: str) -> ConduitError:
+    return ConduitError(f"No such File object: {file_id}", 404, "invalid_request_error", "id", "not_found")
+
+
+@adapter
+def routes(pipeline: Pipeline, config: AppConfig) -> Adapter:
+    db = Database(config.store)
+    files = FileStore(db, config.store.files_dir)
+    batches = BatchStore(db)
+    runner = BatchRunner(pipeline, batches, files, config.store)
+    max_bytes = config.store.max_file_bytes
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        await db.start()
+        runner.start()
+        try:
+            yield
+        finally:
+            await runner.stop()
+            await db.close()
+
+    router = APIRouter(lifespan=lifespan)
+
+    @router.post(PREFIX)
+    async def upload(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]):
+        if purpose not in PURPOSES:
+            raise invalid(f"purpose: {purpose!r} is not supported by this server; use one of {', '.join(PURPOSES)}",
+                          "purpose")
+        staged = files.staging()
+        try:
+            await _stage(file, staged, max_bytes)
+            await asyncio.to_thread(_check_jsonl, staged)
+            return await files.add(current_call.get().tenant, staged, purpose, file.filename or "file.jsonl")
+        finally:
+            staged.unlink(missing_ok=True)
+
+    @router.get(PREFIX)
+    async def list_files(purpose: str | None = None, after: str | None = None,
+                         limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+                         order: Literal["asc", "desc"] = "desc"):
+        try:
+            data, more = await files.list(current_call.get().tenant, purpose, after, limit, order == "desc")
+        except KeyError:
+            raise invalid(f"after: no file with id '{after}'", "after") from None
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": more}
+
+    @router.get(PREFIX + "/{file_id}")
+    async def retrieve(file_id: str):
+        found = await files.get(current_call.get().tenant, file_id)
+        if found is None:
+            raise file_not_found(file_id)
+        return found
+
+    @router.get(PREFIX + "/{file_id}/content")
+    async def content(file_id: str):
+        found = await files.get(current_call.get().tenant, file_id)
+        if found is None or not files.path(file_id).exists():
+            raise file_not_found(file_id)
+        return FileResponse(files.path(file_id), media_type="application/octet-stream")
+
+    @router.delete(PREFIX + "/{file_id}")
+    async def delete(file_id: str):
+        if not await files.delete(current_call.get().tenant, file_id):
+            raise file_not_found(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    router.include_router(batch_routes(batches, files, runner))
+    return Adapter(router, lambda err: JSONResponse(error_body(err), status_code=err.status),
+                   prefixes=(PREFIX, "/v1/batches"))
+
+
+async def _stage(upload: UploadFile, staged, max_bytes: int) -> None:
+    size = 0
+    with open(staged, "wb") as out:
+        while chunk := await upload.read(CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise ConduitError(f"File exceeds the limit of {max_bytes} bytes", 413, param="file",
+                                   code="file_too_large")
+            out.write(chunk)
+    if size == 0:
+        raise invalid("file: the file is empty", "file")
+
+
+def _check_jsonl(path) -> None:
+    """A batch file is JSONL: each non-blank line UTF-8 text holding one JSON object."""
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                ok = isinstance(json.loads(raw.decode()), dict)
+            except (ValueError, RecursionError):
+                ok = False
+            if not ok:
+                raise invalid(f"file: line {number} is not a JSON object; a batch file is JSONL (one JSON object "
+                              "per line)", "file", "invalid_file_format")
