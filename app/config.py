@@ -32,6 +32,37 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SpeculativeConfig(Strict):
+    """`engine.speculative:` (docs/speculative-decoding.md): which proposer drafts tokens, how many, and when
+    speculation steps aside. Defaults come from bench/spec_decode.py."""
+
+    method: Literal["ngram", "draft_model"] = Field(
+        "ngram", description="ngram: prompt lookup over the prompt and the output so far; draft_model: a smaller "
+        "model with the same tokenizer, with its own paged KV cache on the same replica")
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="draft tokens verified per sequence per step")
+    prompt_lookup_min: int = Field(1, ge=1, le=32, description="ngram: the shortest suffix looked up")
+    prompt_lookup_max: int = Field(3, ge=1, le=32, description="ngram: the longest suffix looked up (tried first)")
+    draft_model: str | None = Field(None, min_length=1, description="draft_model: a local directory or model id")
+    draft_num_kv_blocks: int | None = Field(
+        None, gt=0, description="draft_model: its KV cache in blocks; default: as many as the target's")
+    disable_by_batch_size: int | None = Field(
+        8, gt=0, description="no speculation in a step with this many running sequences or more (null: never off)")
+    min_acceptance_rate: float = Field(
+        0.3, ge=0, le=1, description="a sequence whose recent drafts are accepted less often than this stops "
+        "drafting for a while (0: never)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeculativeConfig:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) exceeds prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
+        if self.method == "draft_model" and self.draft_model is None:
+            raise ValueError("method draft_model needs draft_model: the draft model's directory or id")
+        if self.method == "ngram" and self.draft_model is not None:
+            raise ValueError("draft_model is set but method is ngram: set method: draft_model, or drop draft_model")
+        return self
+
+
 class EngineConfig(Strict):
     """How one model replica batches. Defaults suit the CPU demo; see serve_config.yaml."""
 
@@ -75,11 +106,16 @@ class EngineConfig(Strict):
     tenant_weights: dict[str, float] = Field(
         default_factory=dict, description="fair-share weight per API key id; filled from auth.keys (set weights there)"
     )
+    speculative: SpeculativeConfig | None = Field(
+        None, description="speculative decoding: drafts verified by the model in one forward (null: off)"
+    )
 
     @model_validator(mode="after")
     def _one_way_to_span_devices(self) -> EngineConfig:
         if self.tensor_parallel_size > 1 and (self.device_map is not None or self.num_devices > 1):
             raise ValueError("tensor_parallel_size and device_map/num_devices are exclusive: pick one way to span devices")
+        if self.tensor_parallel_size > 1 and self.speculative is not None:
+            raise ValueError("speculative decoding is not supported with tensor_parallel_size > 1")
         if isinstance(self.device_map, dict):
             gpus = {d for d in self.device_map.values() if isinstance(d, int)}
             if len(gpus) > self.num_devices:

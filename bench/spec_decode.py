@@ -26,13 +26,12 @@ from pathlib import Path
 
 import torch
 
-from app.config import PROJECT_ROOT, EngineConfig
+from app.config import PROJECT_ROOT, EngineConfig, SpeculativeConfig
 from app.demo_model import build_demo_model
 from app.engine.block_manager import BlockManager
 from app.engine.engine import LLMEngine
 from app.engine.model_runner import ModelRunner
 from app.engine.sampling_params import SamplingParams
-from app.engine.spec.config import SpeculativeConfig
 from app.engine.spec.draft import DraftSequence
 from app.engine.spec.ngram import NgramIndex, NgramProposer
 from app.engine.spec.stats import SpecDecodeStats

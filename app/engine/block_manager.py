@@ -73,6 +73,15 @@ class BlockManager:
         if len(seq.block_ids) * self.block_size <= seq.num_tokens:
             seq.block_ids.append(self._take_free())
 
+    def reserve(self, seq: Sequence, lookahead: int) -> int:
+        """Speculative decoding: blocks for `lookahead` positions past the one a decode writes, taken only
+        from free blocks (a draft never preempts anyone). Returns how many of them are covered. Rejected
+        positions need no trimming: the next step writes them again, and extra blocks go back with the
+        sequence's others (finish, preemption); they lie past its prompt, so never in the prefix cache."""
+        while len(seq.block_ids) * self.block_size < seq.num_tokens + lookahead and self.free:
+            seq.block_ids.append(self._take_free())
+        return max(0, min(lookahead, len(seq.block_ids) * self.block_size - seq.num_tokens))
+
     def deallocate(self, seq: Sequence) -> None:
         # reversed: a sequence's last blocks are the least likely to be shared, so they are reused first
         for block in reversed(seq.block_ids):

@@ -28,6 +28,10 @@ from app.engine.sampling_params import SamplingParams
 from app.engine.scheduler import Scheduler
 from app.engine.schema_limits import SchemaError
 from app.engine.sequence import RequestTimings, Sequence, SequenceStatus
+from app.engine.spec.gate import SpecGate
+from app.engine.spec.proposer import build_proposer
+from app.engine.spec.stats import SpecDecodeStats
+from app.engine.spec.verify import verify
 
 # logits one chunk of a prompt being scored may hold (64 MiB in float32): the chunk is this over the
 # vocabulary size in positions, e.g. 128 positions of a 128k vocabulary
@@ -81,6 +85,7 @@ class EngineStats:
     waiting_by_key: dict[str, int] = field(default_factory=dict)
     keys_seen: list[str] = field(default_factory=list)  # every tenant that sent work to this engine
     preemptions_by_cause: dict[str, int] = field(default_factory=dict)
+    spec: SpecDecodeStats | None = None  # speculative decoding's counters, when it is configured
 
 
 class LLMEngine:
@@ -100,6 +105,10 @@ class LLMEngine:
         self.token_names = TokenNames(tokenizer)
         self._guided = None  # GuidedCompiler, built on the first guided request
         self._guided_lock = threading.Lock()  # the replica's compile pool and the engine thread both ask
+        spec = config.speculative  # docs/speculative-decoding.md
+        self.proposer = build_proposer(config, model) if spec else None
+        self.gate = SpecGate(spec, self.max_model_len) if spec else None
+        self.spec_stats = SpecDecodeStats() if spec else None
 
     # requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -131,6 +140,7 @@ class LLMEngine:
         seq = self.sequences.pop(request_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.remove(seq)
+            self._forget(seq)
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "abort"
 
@@ -152,6 +162,7 @@ class LLMEngine:
             prefix_queries=self.blocks.prefix_queries,
             prefix_hits=self.blocks.prefix_hits,
             **self.scheduler.load(),
+            spec=self.spec_stats.snapshot() if self.spec_stats else None,
         )
 
     # the step ---------------------------------------------------------------------------------
@@ -167,26 +178,105 @@ class LLMEngine:
         for seq in seqs:
             seq.timings.scheduled(now)
         failed: list[RequestOutput] = []
-        seqs, logits = self._run_model(seqs, is_prefill, failed)
-        for seq in seqs:
-            seq.num_cached = seq.num_tokens
-            if is_prefill:
-                self.blocks.register_prefix(seq)
-        outputs = self._next_tokens(seqs, logits, failed) if seqs else []
+        if not is_prefill and self.proposer is not None:
+            seqs, outputs = self._speculative_step(seqs, failed)
+        else:
+            seqs, logits = self._run_model(seqs, lambda batch: self._forward(batch, is_prefill), failed)
+            for seq in seqs:
+                seq.num_cached = seq.num_tokens
+                if is_prefill:
+                    self.blocks.register_prefix(seq)
+            outputs = self._next_tokens(seqs, logits, failed) if seqs else []
         for seq in seqs:
             if seq.is_finished:
                 self.scheduler.remove(seq)
                 self.sequences.pop(seq.request_id, None)
+                self._forget(seq)
         return outputs + failed
 
-    def _run_model(self, seqs: list[Sequence], is_prefill: bool,
+    def _speculative_step(self, seqs: list[Sequence], failed: list[RequestOutput]) -> tuple[list[Sequence], list]:
+        """A decode step with drafts: the proposer drafts up to the gate's budget for each sequence (within
+        free blocks and the step's token budget), one forward scores every sequence's [last token, *draft],
+        and each keeps the draft tokens verification accepts plus one of the target's own. Sequences
+        without a draft decode plainly in the same forward."""
+        ks = [self.blocks.reserve(seq, k) if k else 0 for seq, k in zip(seqs, self.gate.budgets(seqs))]
+        over = len(seqs) + sum(ks) - self.config.max_prefill_tokens  # the forward stays within the budget
+        for i in reversed(range(len(ks))):
+            cut = min(max(over, 0), ks[i])
+            ks[i], over = ks[i] - cut, over - cut
+        draft_of = {seq.request_id: draft[:k] for seq, draft, k in zip(seqs, self.proposer.propose(seqs, ks), ks)}
+        seqs, logits = self._run_model(
+            seqs, lambda batch: self.runner.verify([(seq, draft_of[seq.request_id]) for seq in batch]), failed)
+        if not seqs:
+            return seqs, []
+        return seqs, self._verified_tokens(seqs, [draft_of[seq.request_id] for seq in seqs], logits, failed)
+
+    def _verified_tokens(self, seqs: list[Sequence], drafts: list[list[int]], logits: torch.Tensor,
+                         failed: list[RequestOutput]) -> list[RequestOutput]:
+        """Each sequence's rows [start, start + len(draft) + 1): sampled plainly (no draft) or verified."""
+        starts = torch.tensor([0] + [len(d) + 1 for d in drafts]).cumsum(0).tolist()
+        raw = logits.clone() if any(seq.params.logprobs is not None for seq in seqs) else None  # both edit in place
+        plain = [i for i, d in enumerate(drafts) if not d]
+        drafted = [i for i, d in enumerate(drafts) if d]
+        tokens: dict[int, list[int]] = {}
+        errors: dict[int, Exception] = {}
+        sampled, unsampled = sample(logits[[starts[i] for i in plain]], [seqs[i] for i in plain])
+        for j, i in enumerate(plain):
+            if j in unsampled:
+                errors[i] = unsampled[j]
+            else:
+                tokens[i] = [sampled[j]]
+        rows = [r for i in drafted for r in range(starts[i], starts[i + 1])]
+        verdicts, unverified = verify(logits[rows], [seqs[i] for i in drafted], [drafts[i] for i in drafted])
+        for j, i in enumerate(drafted):
+            if j in unverified:
+                errors[i] = unverified[j]
+                continue
+            tokens[i] = verdicts[j].tokens
+            self.spec_stats.record(len(drafts[i]), verdicts[j].num_accepted)
+            self.gate.record(seqs[i].request_id, len(drafts[i]), verdicts[j].num_accepted)
+        outputs = []
+        for i, seq in enumerate(seqs):
+            try:
+                if i in errors:
+                    raise errors[i]
+                # the last token and the accepted drafts have K/V now; the rejected positions are rewritten later
+                seq.num_cached = seq.num_tokens + len(tokens[i]) - 1
+                out = self._append_tokens(seq, tokens[i])
+                if raw is not None and seq.params.logprobs is not None:
+                    n = len(out.token_ids)
+                    out.logprobs = token_logprobs(raw[starts[i] : starts[i] + n], out.token_ids,
+                                                  [seq.params.logprobs] * n, self.token_names)
+                outputs.append(out)
+            except Exception as e:
+                self._fail(seq, e, failed)
+        return outputs
+
+    def _append_tokens(self, seq: Sequence, tokens: list[int]) -> RequestOutput:
+        """Tokens one at a time, as plain decoding appends them: a stop string, stop token, EOS or length
+        ends the run where plain decoding would have stopped, and the rest is never emitted."""
+        out = self._append_token(seq, tokens[0])
+        for token in tokens[1:]:
+            if seq.is_finished:
+                break
+            out.merge(self._append_token(seq, token))
+        return out
+
+    def _forget(self, seq: Sequence) -> None:
+        """A finished, aborted or failed sequence's speculative state (draft blocks, n-gram index) goes.
+        A preempted one keeps it: its tokens only grow, so the index and the draft's cache stay valid."""
+        if self.proposer is not None:
+            self.proposer.free(seq.request_id)
+            self.gate.free(seq.request_id)
+
+    def _run_model(self, seqs: list[Sequence], forward,
                    failed: list[RequestOutput]) -> tuple[list[Sequence], torch.Tensor | None]:
         """(the sequences that computed, their last-token logits). A forward that raises is retried one
         sequence at a time, so a failure that follows one request (out of memory on its long prompt)
         ends that request only. One that every sequence of a batch hits alone is the engine's own
         fault: it is raised, ending the loop, so that Serve replaces the replica."""
         try:
-            return seqs, self._forward(seqs, is_prefill)
+            return seqs, forward(seqs)
         except torch.AcceleratorError:  # the device itself failed (a CUDA assert): no sequence can run
             raise
         except Exception as e:
@@ -196,7 +286,7 @@ class LLMEngine:
         kept, rows, errors = [], [], []
         for seq in seqs:
             try:
-                rows.append(self._forward([seq], is_prefill))
+                rows.append(forward([seq]))
                 kept.append(seq)
             except torch.AcceleratorError:
                 raise
@@ -253,6 +343,7 @@ class LLMEngine:
 
     def _fail(self, seq: Sequence, error: Exception, failed: list[RequestOutput]) -> None:
         self.scheduler.remove(seq)
+        self._forget(seq)
         self.sequences.pop(seq.request_id, None)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
         failed.append(RequestOutput(seq.request_id, finished=True, finish_reason="error", error=error,

@@ -21,7 +21,7 @@ def _apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
         logits[ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
 
 
-def _filter(logits: torch.Tensor, params: list) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, params: list) -> torch.Tensor:
     """[rows, vocab] logits -> probabilities, row i under params[i]'s temperature, top_k, min_p, top_p."""
     device = logits.device
     logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
@@ -49,7 +49,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[
     failed: dict[int, Exception] = {}
     for i, seq in enumerate(seqs):
         try:
-            _prepare_row(logits, i, seq)
+            prepare_row(logits, i, seq)
         except Exception as e:
             failed[i] = e
     tokens = logits.argmax(dim=-1).tolist()
@@ -69,7 +69,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[
     return tokens, failed
 
 
-def _prepare_row(logits: torch.Tensor, i: int, seq: Sequence) -> None:
+def prepare_row(logits: torch.Tensor, i: int, seq: Sequence) -> None:
     if seq.params.needs_penalties:
         _apply_penalties(logits[i], seq)
     if seq.matcher is not None:  # the grammar alone decides where a guided output may end
@@ -84,7 +84,7 @@ def _draw(logits: torch.Tensor, params: list, generator: torch.Generator | None 
     before the draw, because on CUDA multinomial would assert on it and take the device down."""
     if not params:
         return []
-    probs = _filter(logits, params)
+    probs = probabilities(logits, params)
     usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
     probs = torch.where(usable[:, None], probs, 1.0)
     drawn = torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()

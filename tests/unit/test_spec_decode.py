@@ -8,10 +8,10 @@ import torch
 from pydantic import ValidationError
 from scipy.stats import chi2_contingency, chisquare
 
+from app.config import SpeculativeConfig
 from app.engine.sampler import sample
 from app.engine.sampling_params import SamplingParams
 from app.engine.sequence import Sequence
-from app.engine.spec.config import SpeculativeConfig
 from app.engine.spec.gate import FIRST_PAUSE_STEPS, SpecGate
 from app.engine.spec.ngram import NgramIndex, NgramProposer
 from app.engine.spec.stats import SpecDecodeStats

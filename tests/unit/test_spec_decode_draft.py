@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
+from app.config import SpeculativeConfig
 from app.engine.block_manager import BlockManager
 from app.engine.model_runner import ModelRunner
 from app.engine.sampling_params import SamplingParams
 from app.engine.sequence import Sequence
-from app.engine.spec.config import SpeculativeConfig
 from app.engine.spec.draft import DraftModelProposer, DraftSequence, tokenizers_match
 from app.engine.spec.ngram import NgramProposer
 from app.engine.spec.verify import verify

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.engine.spec.config import SpeculativeConfig
+from app.config import SpeculativeConfig
 
 SMOOTHING = 0.3  # weight of the latest draft in a sequence's acceptance average
 FIRST_PAUSE_STEPS = 8  # steps without drafting the first time the average falls below the floor

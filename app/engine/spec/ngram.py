@@ -9,7 +9,7 @@ scan of the context."""
 
 from __future__ import annotations
 
-from app.engine.spec.config import SpeculativeConfig
+from app.config import SpeculativeConfig
 
 
 class NgramIndex:

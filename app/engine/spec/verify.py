@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.sampler import _filter, _prepare_row
+from app.engine.sampler import prepare_row, probabilities
 
 
 @dataclass
@@ -75,7 +75,7 @@ def verify(logits: torch.Tensor, seqs: list, drafts: list[list[int]],
         if seq.params.greedy or i in failed:
             continue
         k = len(drafts[i])
-        probs = _filter(logits[starts[i] : starts[i] + k + 1], [seq.params] * (k + 1))
+        probs = probabilities(logits[starts[i] : starts[i] + k + 1], [seq.params] * (k + 1))
         if not bool((torch.isfinite(probs).all() & (probs.sum(dim=-1) > 0).all())):
             failed[i] = ValueError("the sampling controls left no valid probability distribution")
             continue
@@ -100,7 +100,7 @@ def _process_rows(logits: torch.Tensor, start: int, seq, draft: list[int]) -> No
     if not (p.needs_penalties or min_tokens_left):
         return
     for j in range(len(draft) + 1):
-        _prepare_row(logits, start + j, _Drafted(seq, draft[:j]))
+        prepare_row(logits, start + j, _Drafted(seq, draft[:j]))
 
 
 def greedy_verdict(draft: list[int], target: list[int]) -> Verdict:
