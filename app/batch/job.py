@@ -21,6 +21,7 @@ from app.batch.target import BatchTarget, fitting_replicas
 from app.batch.worker import BatchWorker
 
 BATCHES_PER_SLOT = 4  # a Ray Data batch is this many engine batches (max_num_seqs lines each)
+ACTOR_START_LIMIT_S = 1800  # an engine actor's start, its model load included (a large model on a slow disk)
 OUTPUT_BLOCK_BYTES = 16 * 1024  # about the size of the 32 lines a worker yields at once (worker.FLUSH_LINES)
 
 
@@ -162,11 +163,14 @@ def _write(dataset, out: OutputFile, progress: Progress, summary: BatchSummary) 
 def _configure_ray_data() -> None:
     """Ray Data's own bars and execution logs would tear through the one progress line shown here.
     Small blocks: Ray Data gathers a task's output up to the block size (128 MiB) before passing it
-    on, which would hold finished lines back from OUTPUT (and the progress line) for minutes."""
+    on, which would hold finished lines back from OUTPUT (and the progress line) for minutes. Every
+    engine actor is started (its model loaded) before lines are handed out: otherwise the first one
+    up takes every batch while the others load, and a short job never reaches them."""
     from ray.data import DataContext
 
     context = DataContext.get_current()
     context.target_max_block_size = OUTPUT_BLOCK_BYTES
+    context.wait_for_min_actors_s = ACTOR_START_LIMIT_S
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
