@@ -73,6 +73,11 @@ VLLM = {spec.name: spec for spec in [
          "Prefix cache queries, in terms of number of queried tokens (Conduit: whole blocks looked up)."),
     Spec("vllm:prefix_cache_hits", "counter", "Prefix cache hits, in terms of number of cached tokens."),
     Spec("vllm:num_preemptions", "counter", "Cumulative number of preemption from the engine."),
+    Spec("vllm:spec_decode_num_drafts", "counter", "Number of spec decoding drafts."),
+    Spec("vllm:spec_decode_num_draft_tokens", "counter", "Number of draft tokens."),
+    Spec("vllm:spec_decode_num_accepted_tokens", "counter", "Number of accepted tokens."),
+    Spec("vllm:spec_decode_num_accepted_tokens_per_pos", "counter", "Accepted tokens per draft position.",
+         VLLM_LABELS + ("position",)),
     Spec("vllm:prompt_tokens", "counter", "Number of prefill tokens processed."),
     Spec("vllm:generation_tokens", "counter", "Number of generation tokens processed."),
     Spec("vllm:request_success", "counter", "Count of successfully processed requests.",
@@ -123,6 +128,10 @@ CONDUIT = {spec.name: spec for spec in [
 PRIORITY_CLASSES = ("interactive", "standard", "batch")  # app/qos.py's CLASSES (no import: the ingress loads this)
 PREEMPTION_CAUSES = ("kv_cache", "priority", "fair_share")  # the engine scheduler's
 FINISHED_REASONS = ("stop", "length", "abort", "error")
+# EngineStats.spec's fields (app/engine/spec/stats.py) -> their metrics
+SPEC_COUNTERS = {"num_drafts": "vllm:spec_decode_num_drafts", "num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+                 "num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens"}
+SPEC_PER_POSITION = "vllm:spec_decode_num_accepted_tokens_per_pos"
 
 # Ray Serve's own metric the dashboard counts replicas with (exported under this name by Ray)
 SERVE_REPLICA_HEALTHY = "ray_serve_deployment_replica_healthy"
@@ -206,6 +215,8 @@ class ModelMetrics:
         self.block_size = block_size  # the engine counts prefix lookups in blocks, vLLM in tokens
         self._last_counters = {"vllm:prefix_cache_queries": 0, "vllm:prefix_cache_hits": 0, "vllm:num_preemptions": 0}
         self._last_preemptions = dict.fromkeys(PREEMPTION_CAUSES, 0)
+        self._last_spec: dict[str, int] | None = None  # speculative decoding's counters, once the engine has them
+        self._last_accepted_per_pos: list[int] = []
         for name in [*self._last_counters, "vllm:prompt_tokens", "vllm:generation_tokens"]:
             start_at_zero(name, **self.tags)
         for reason in FINISHED_REASONS:
@@ -276,6 +287,27 @@ class ModelMetrics:
             inc(name, value - self._last_counters[name], **self.tags)
         self._last_counters = current
         self._record_scheduling(stats)
+        if getattr(stats, "spec", None) is not None:
+            self._record_spec(stats.spec)
+
+    def _record_spec(self, spec) -> None:
+        """Speculative decoding's cumulative counters (app/engine/spec/stats.py) as increments; each series
+        starts at 0 on the engine's first reading (a position's, when a draft first reaches it)."""
+        if self._last_spec is None:
+            self._last_spec = dict.fromkeys(SPEC_COUNTERS, 0)
+            for field in SPEC_COUNTERS:
+                start_at_zero(SPEC_COUNTERS[field], **self.tags)
+        for field, last in self._last_spec.items():
+            inc(SPEC_COUNTERS[field], getattr(spec, field) - last, **self.tags)
+            self._last_spec[field] = getattr(spec, field)
+        for j, value in enumerate(spec.accepted_per_position):
+            if j >= len(self._last_accepted_per_pos):
+                start_at_zero(SPEC_PER_POSITION, position=str(j), **self.tags)
+                last = 0
+            else:
+                last = self._last_accepted_per_pos[j]
+            inc(SPEC_PER_POSITION, value - last, position=str(j), **self.tags)
+        self._last_accepted_per_pos = list(spec.accepted_per_position)
 
     def _record_scheduling(self, stats) -> None:
         """Running and waiting by priority class and by key, and preemptions by cause."""

@@ -18,6 +18,10 @@ REPLICA_GAUGES = {
     "vllm:num_requests_waiting": "waiting",
     "vllm:kv_cache_usage_perc": "kv",
     "conduit:model_load_progress": "loaded",
+    # counters: acceptance, where speculative decoding runs
+    "vllm:spec_decode_num_drafts": "drafts",
+    "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
 }
 
 
@@ -25,8 +29,10 @@ def replica_gauges(exposition: str) -> dict[tuple[str, str], dict[str, float]]:
     """(model, replica) -> its latest engine gauges, from a /metrics text."""
     replicas: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     for family in text_string_to_metric_families(exposition):
-        key = REPLICA_GAUGES.get(family.name)
+        key = REPLICA_GAUGES.get(family.name.removesuffix("_total"))  # a counter's family may keep its _total
         for sample in family.samples if key else ():
+            if sample.name.endswith("_created"):
+                continue
             replicas[(sample.labels["model_name"], sample.labels["engine"])][key] = sample.value
     return dict(replicas)
 
@@ -59,12 +65,22 @@ def render(status, replicas: dict[tuple[str, str], dict[str, float]], console: C
 
     models = Table(title="Model replicas (as of Ray's last metrics report)")
     for column, justify in (("model", "left"), ("replica", "left"), ("running", "right"), ("waiting", "right"),
-                            ("KV cache", "right"), ("loaded", "right")):
+                            ("KV cache", "right"), ("loaded", "right"), ("spec accept", "right")):
         models.add_column(column, justify=justify)
     for (model, replica), gauges in sorted(replicas.items()):
         def cell(key: str, fmt: str) -> str:
             return fmt.format(gauges[key]) if key in gauges else "-"
 
         models.add_row(model, replica, cell("running", "{:.0f}"), cell("waiting", "{:.0f}"),
-                       cell("kv", "{:.1%}"), cell("loaded", "{:.0%}"))
+                       cell("kv", "{:.1%}"), cell("loaded", "{:.0%}"), _acceptance(gauges))
     console.print(models if replicas else "[yellow]no model replica has reported metrics yet[/yellow]")
+
+
+def _acceptance(gauges: dict[str, float]) -> str:
+    """Draft tokens accepted / verified, and tokens per verified draft (vLLM's two figures); "-" where
+    speculative decoding is off or has not drafted yet."""
+    if not gauges.get("draft_tokens"):
+        return "-"
+    rate = gauges.get("accepted_tokens", 0) / gauges["draft_tokens"]
+    length = 1 + gauges.get("accepted_tokens", 0) / gauges["drafts"] if gauges.get("drafts") else 0
+    return f"{rate:.0%} ({length:.2f} tok/draft)"

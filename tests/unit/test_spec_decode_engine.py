@@ -137,3 +137,48 @@ def test_json_schema_request_decodes_plainly_and_as_without_speculation(engines)
     plain, spec = _same_requests(engines, "ngram", [("json", [1, 2, 3, 4], params)])
     assert spec["json"]["tokens"] == plain["json"]["tokens"] and spec["json"]["text"].startswith("{")
     assert engines["ngram"].stats().spec.num_drafts == before  # a guided request never drafts
+
+
+def test_counters_become_vllm_metric_increments_and_status_shows_acceptance(monkeypatch):
+    """The engine's cumulative counters reach the four vLLM counters as increments (what Ray's Counter
+    receives is recorded here; tests/e2e/test_metrics.py covers the export), and `conduit status` reads
+    acceptance from the exposition."""
+    from rich.console import Console
+
+    from app import metrics, status
+    from app.engine.spec.stats import SpecDecodeStats
+
+    recorded = []
+    monkeypatch.setattr(metrics, "inc", lambda name, value, **tags: value > 0 and recorded.append((name, value, tags)))
+    monkeypatch.setattr(metrics, "start_at_zero", lambda name, **tags: recorded.append((name, 0, tags)))
+    monkeypatch.setattr(metrics.ModelMetrics, "_record_scheduling", lambda self, stats: None)
+    monkeypatch.setattr(metrics, "ray_metric", lambda name: type("M", (), {"set": lambda *a, **k: None})())
+    m = metrics.ModelMetrics("demo", "r1", 16)
+    spec = SpecDecodeStats()
+
+    class Stats:
+        num_running = num_waiting = kv_blocks_used = prefix_queries = prefix_hits = num_preemptions = 0
+        kv_blocks_total = 1
+
+    for drafted, accepted in ((4, 4), (4, 1), (2, 0)):
+        spec.record(drafted, accepted)
+        Stats.spec = spec.snapshot()
+        m.record_stats(Stats)
+    totals: dict = {}
+    for name, value, tags in recorded:
+        key = (name, tags.get("position"))
+        totals[key] = totals.get(key, 0) + value
+    assert totals[("vllm:spec_decode_num_drafts", None)] == 3
+    assert totals[("vllm:spec_decode_num_draft_tokens", None)] == 10
+    assert totals[("vllm:spec_decode_num_accepted_tokens", None)] == 5
+    assert [totals[("vllm:spec_decode_num_accepted_tokens_per_pos", str(j))] for j in range(4)] == [2, 1, 1, 1]
+
+    labels = 'model_name="demo",engine="r1"'
+    exposition = "".join(f"# TYPE {n} counter\n{n}_total{{{labels}}} {v}\n" for n, v in (
+        ("vllm:spec_decode_num_drafts", 3), ("vllm:spec_decode_num_draft_tokens", 10),
+        ("vllm:spec_decode_num_accepted_tokens", 5)))
+    gauges = status.replica_gauges(exposition)[("demo", "r1")]
+    assert status._acceptance(gauges) == "50% (2.67 tok/draft)"
+    console = Console(record=True, width=200)
+    status.render(type("S", (), {"applications": {}})(), {("demo", "r1"): gauges}, console)
+    assert "50% (2.67 tok/draft)" in console.export_text()

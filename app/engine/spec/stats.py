@@ -1,17 +1,10 @@
-"""Speculative decoding's counters, cumulative per engine, under vLLM's metric names. The engine thread
-records; the metrics poller reads a `snapshot()` (copies, so it never sees a half-updated step)."""
+"""Speculative decoding's counters, cumulative per engine, exported under vLLM's metric names
+(app/metrics.py: SPEC_COUNTERS). The engine thread records; the metrics poller reads a `snapshot()`
+(copies, so it never sees a half-updated step)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-# the Prometheus names each field is exported as (app/metrics.py turns cumulative values into increments)
-METRIC_NAMES = {
-    "num_drafts": "vllm:spec_decode_num_drafts",
-    "num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
-    "num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
-    "accepted_per_position": "vllm:spec_decode_num_accepted_tokens_per_pos",  # label: position
-}
 
 
 @dataclass
