@@ -11,10 +11,11 @@ lengths, backpressure, drain and cancellation see it as before. Only its deltas 
 - the ingress (`StreamMux`) reads each channel and hands every delta to its stream's `Inbox`.
 
 A replica without a channel from the calling ingress streams the request's deltas on the request's
-own call, as before, and first says so (`ChannelWanted`): the ingress then opens a channel to that
-replica (`ChannelOpen`, which the router sends to that replica), and later requests use it. One
-stream never switches path, so its deltas arrive in order. A channel closes itself once no stream
-has used it for `CHANNEL_IDLE_S`, so a draining replica is not held open by it."""
+own call, as before, and first says so (`ChannelWanted`): once that stream has finished, the ingress
+opens a channel to that replica (`ChannelOpen`, which the router sends to that replica), and later
+requests use it. One stream never switches path, so its deltas arrive in order. A channel closes
+itself once no stream has used it for `CHANNEL_IDLE_S`, so a draining replica is not held open by it.
+A channel holds one of its replica's `max_ongoing_requests` slots while it is open."""
 
 from __future__ import annotations
 
@@ -240,13 +241,18 @@ class StreamMux:
 
     async def _read_call(self, handle, call, inbox: Inbox) -> None:
         """The request's own call: its deltas when no channel carries them, and its failure (replica
-        lost, backpressure, a refusal) whichever path the deltas take."""
+        lost, backpressure, a refusal) whichever path the deltas take. A channel the replica asked for
+        is opened once this call's stream has finished: it then takes the replica slot
+        (max_ongoing_requests) this call leaves, never one that requests arriving with this one need."""
+        wanted = None
         try:
             async for item in call:
                 if isinstance(item, ChannelWanted):
-                    self._open(handle, item.replica)
-                else:
-                    inbox.put(item)
+                    wanted = item.replica
+                    continue
+                inbox.put(item)
+                if wanted is not None and item.finished:
+                    self._open(handle, wanted)
         except asyncio.CancelledError:
             raise
         except Exception as e:
