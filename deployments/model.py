@@ -63,8 +63,8 @@ class Model:
         log.info("model %s ready: %s", config.name, engine_config.model_dump())
 
     async def generate(self, request: PreparedRequest, route: Route | None = None) -> AsyncIterator:
-        if self.engine.engine.stats().num_waiting >= self.config.max_waiting:  # bounded queue: fail fast
-            raise unavailable("The model's queue is full; retry shortly.", "server_overloaded")
+        if (full := self.engine.engine.queue_full(request.tenant)) is not None:  # the key's share, then the replica's
+            raise unavailable(full, "server_overloaded")
         outbox = self.outboxes.get(route.ingress) if route else None
         if outbox is not None:  # its deltas go with the ingress's other streams', each engine step
             self.outboxes.carried += 1

@@ -119,6 +119,8 @@ class Scheduler:
         share = max(1, int(max_waiting * weight / active))
         waiting = self.tenant_waiting.get(tenant, 0)
         if waiting >= share:
+            if share >= max_waiting:  # no other key has work here: its share is the whole queue
+                return "The model's queue is full; retry shortly."
             return f"This API key's share of the model's queue is full ({waiting} requests waiting); retry shortly."
         if self.num_waiting >= 2 * max_waiting:
             return "The model's queue is full; retry shortly."
