@@ -1,18 +1,16 @@
-"""Speculative decoding (issue 20): what n-gram drafts would buy on a copy-heavy workload ("fix the typo
-in this ~300-token code snippet": the answer repeats the prompt), measured before the engine integrates
-it (docs/speculative-decoding.md, phase 2).
+"""Speculative decoding (issue 20) in the engine, on a copy-heavy workload ("fix the typo in this
+~300-token code snippet": the answer repeats the prompt). Every figure is the engine's own `step()` loop,
+plain and speculative side by side in the same run, greedy, outputs compared token for token.
 
-1. Plain greedy decoding with the engine as it is today, 1 stream and 32 streams: output tok/s, and
-   the outputs themselves.
-2. Replay: walk each greedy output as the speculative loop would (draft k tokens with the n-gram
-   proposer from prompt + output so far, keep the prefix the target agrees with plus its own token) and
-   count drafts and accepted tokens: the acceptance the engine will see, for several (k, lookup) settings.
-3. One stream decoded speculatively on the engine's ModelRunner (propose, verify k+1 positions in one
-   forward, roll back), against plain one-token decode steps on the same runner, in the same run.
-4. What a verify forward costs against a decode forward at batch 1..32: where speculation stops paying
-   (sets disable_by_batch_size), given the measured tokens per verified step.
+1. One stream: plain against n-gram speculation (the default `engine.speculative` settings): tok/s and
+   acceptance.
+2. `--streams` concurrent streams, the same two (speculation steps aside at `disable_by_batch_size`).
+3. Draft model, one stream: the target as its own draft (always agrees) and a differently seeded demo
+   model (disagrees): tok/s and acceptance.
+4. `--tuning`: how to set the defaults: replay the greedy outputs through the n-gram proposer for several
+   (k, lookup) settings, and what a verify forward costs against a decode forward at batch 1..32.
 
-    .venv/bin/python bench/spec_decode.py [--model DIR] [--max-tokens 200]
+    .venv/bin/python bench/spec_decode.py [--model DIR] [--max-tokens 200] [--streams 32] [--tuning]
 """
 
 from __future__ import annotations
@@ -26,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from app.config import PROJECT_ROOT, EngineConfig, SpeculativeConfig
+from app.config import PROJECT_ROOT, EngineConfig
 from app.demo_model import build_demo_model
 from app.engine.block_manager import BlockManager
 from app.engine.engine import LLMEngine
 from app.engine.model_runner import ModelRunner
 from app.engine.sampling_params import SamplingParams
 from app.engine.spec.draft import DraftSequence
-from app.engine.spec.ngram import NgramIndex, NgramProposer
+from app.engine.spec.ngram import NgramIndex
 from app.engine.spec.stats import SpecDecodeStats
 from app.engine.spec.verify import greedy_verdict
 
@@ -65,10 +63,19 @@ def typo_prompts(tokenizer, n: int, snippet_tokens: int = 300, seed: int = 0) ->
     return prompts
 
 
-# 1. plain decoding with today's engine ------------------------------------------------------------------
-def plain_engine(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
-    config = EngineConfig(max_num_seqs=max(32, len(prompts)), max_model_len=1024, num_kv_blocks=NUM_BLOCKS)
+# 1-3. the engine, plain or speculative ----------------------------------------------------------------
+def engine_run(model, tokenizer, prompts: list[list[int]], max_tokens: int,
+               speculative: dict | None) -> tuple[list[list[int]], float, SpecDecodeStats | None]:
+    """(each prompt's greedy output, output tok/s, speculation's counters) from one engine's step loop."""
+    config = EngineConfig(max_num_seqs=max(32, len(prompts)), max_model_len=1024, num_kv_blocks=NUM_BLOCKS,
+                          speculative=speculative)
     engine = LLMEngine(model, tokenizer, config.resolved(1024))
+    warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.add_request("warm-up", prompts[-1][:64], warm)  # first-call costs out of the timing
+    while engine.has_work():
+        engine.step()
+    if engine.spec_stats is not None:
+        engine.spec_stats = SpecDecodeStats()
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     outputs = {str(i): [] for i in range(len(prompts))}
     start = time.perf_counter()
@@ -78,7 +85,16 @@ def plain_engine(model, tokenizer, prompts: list[list[int]], max_tokens: int) ->
         for out in engine.step():
             outputs[out.request_id] += out.token_ids
     elapsed = time.perf_counter() - start
-    return [outputs[str(i)] for i in range(len(prompts))], sum(map(len, outputs.values())) / elapsed
+    return [outputs[str(i)] for i in range(len(prompts))], sum(map(len, outputs.values())) / elapsed, \
+        engine.stats().spec
+
+
+def side_by_side(label: str, plain: tuple, spec: tuple) -> None:
+    (plain_out, plain_tps, _), (spec_out, spec_tps, stats) = plain, spec
+    print(f"   {label}: plain {plain_tps:.1f} tok/s, speculative {spec_tps:.1f} tok/s = {spec_tps / plain_tps:.2f}x; "
+          f"acceptance {stats.acceptance_rate:.2f} ({stats.num_accepted_tokens}/{stats.num_draft_tokens} draft "
+          f"tokens, {stats.mean_acceptance_length:.2f} tokens per draft, {stats.num_drafts} drafts); "
+          f"outputs equal: {plain_out == spec_out}")
 
 
 # 2. replay ---------------------------------------------------------------------------------------------
@@ -95,32 +111,6 @@ def replay(prompt: list[int], output: list[int], k: int, lo: int, hi: int, stats
         done += len(verdict.tokens)
         steps += 1
     return steps
-
-
-# 3. one stream, speculative against plain, on the engine's ModelRunner ---------------------------------------
-@torch.inference_mode()
-def one_stream(runner: ModelRunner, prompt: list[int], max_tokens: int, k: int | None) -> tuple[list[int], float]:
-    """Greedy decode on the runner, speculatively with n-gram drafts of k tokens (None: plainly). (tokens, tok/s)"""
-    blocks = BlockManager(NUM_BLOCKS, BLOCK_SIZE, enable_prefix_caching=False)
-    proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=k or 1))
-    cache = DraftSequence("one", prompt)  # the target's tokens fed so far and its block table
-    blocks.allocate(cache)
-    start = time.perf_counter()
-    output = [int(runner.prefill_span(cache, 0, cache.num_tokens)[-1].argmax())]
-    cache.num_cached = cache.num_tokens
-    while len(output) < max_tokens:
-        cache.output_ids = list(output)
-        cache.prompt_ids, cache.request_id = prompt, "one"
-        draft = proposer.propose([cache], [min(k, max_tokens - len(output) - 1)])[0] if k else []
-        cache.output_ids = output + draft
-        while len(cache.block_ids) * BLOCK_SIZE < cache.num_tokens:
-            blocks.append(cache)
-        logits = runner.prefill_span(cache, len(prompt) + len(output) - 1, cache.num_tokens)
-        output += greedy_verdict(draft, logits.argmax(dim=-1).tolist()).tokens
-        cache.num_cached = len(prompt) + len(output) - 1
-    elapsed = time.perf_counter() - start
-    blocks.deallocate(cache)
-    return output[:max_tokens], len(output) / elapsed
 
 
 # 4. verify against decode forward cost -----------------------------------------------------------------
@@ -148,6 +138,7 @@ def main() -> None:
     parser.add_argument("--model", help="a model directory (default: the demo model)")
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--tuning", action="store_true", help="also the replay table and forward costs (section 4)")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,16 +146,30 @@ def main() -> None:
     path = args.model or build_demo_model(PROJECT_ROOT / ".cache" / "demo-model")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     prompts = typo_prompts(tokenizer, args.streams)
-    print(f"model {path}; prompts ~{statistics.mean(map(len, prompts)):.0f} tokens; "
-          f"max_tokens {args.max_tokens}")
+    print(f"model {path}; prompts ~{statistics.mean(map(len, prompts)):.0f} tokens; max_tokens {args.max_tokens}")
+    ngram = {"method": "ngram"}
 
-    [single], single_tps = plain_engine(model, tokenizer, prompts[:1], args.max_tokens)
-    outputs, batch_tps = plain_engine(model, tokenizer, prompts, args.max_tokens)
-    print(f"\n1. plain engine: 1 stream {single_tps:.0f} tok/s; {args.streams} streams {batch_tps:.0f} tok/s")
-    copied = sum(_copied(p, o) for p, o in zip(prompts, outputs)) / len(outputs)
-    print(f"   greedy outputs: {copied:.0%} of output 4-grams occur in the prompt (how copy-like the model is)")
+    print("\n1. one stream, n-gram (defaults):")
+    single = engine_run(model, tokenizer, prompts[:1], args.max_tokens, None)
+    side_by_side("1 stream", single, engine_run(model, tokenizer, prompts[:1], args.max_tokens, ngram))
+    copied = _copied(prompts[0], single[0][0])
+    print(f"   {copied:.0%} of the output's 4-grams occur in the prompt (how copy-like the model is)")
 
-    print(f"\n2. replay of the {args.streams} greedy outputs (n-gram proposer):")
+    print(f"\n2. {args.streams} streams, n-gram (defaults):")
+    batch = engine_run(model, tokenizer, prompts, args.max_tokens, None)
+    side_by_side(f"{args.streams} streams", batch, engine_run(model, tokenizer, prompts, args.max_tokens, ngram))
+
+    print("\n3. one stream, draft model:")
+    other = build_demo_model(PROJECT_ROOT / ".cache" / "demo-model-seed1", seed=1)
+    for label, draft in (("target as its own draft", path), ("a differently seeded demo model", other)):
+        spec = {"method": "draft_model", "draft_model": str(draft)}
+        side_by_side(label, single, engine_run(model, tokenizer, prompts[:1], args.max_tokens, spec))
+    if args.tuning:
+        tuning(model, prompts, batch[0])
+
+
+def tuning(model, prompts: list[list[int]], outputs: list[list[int]]) -> None:
+    print(f"\n4. replay of the {len(outputs)} greedy outputs (n-gram proposer):")
     print("   k  lookup  drafts  draft tok  accepted  rate   tokens/step")
     best = None
     for k, lo, hi in SETTINGS:
@@ -175,20 +180,10 @@ def main() -> None:
         print(f"   {k}  {lo}-{hi}    {stats.num_drafts:6d}  {stats.num_draft_tokens:9d}  {stats.num_accepted_tokens:8d}"
               f"  {stats.acceptance_rate:.2f}   {per_step:.2f}")
         if best is None or per_step > best[0]:
-            best = (per_step, k, lo, hi, stats)
-    per_step, k, lo, hi, stats = best
-    print(f"   best: k={k} lookup {lo}-{hi}: {per_step:.2f} tokens per step; accepted per position "
-          f"{stats.accepted_per_position}")
-
+            best = (per_step, k)
+    per_step, k = best
     runner = ModelRunner(model, NUM_BLOCKS, BLOCK_SIZE)
-    one_stream(runner, prompts[1], 20, k)  # warm up both paths
-    one_stream(runner, prompts[1], 20, None)
-    plain_tokens, plain_tps = one_stream(runner, prompts[0], args.max_tokens, None)
-    spec_tokens, spec_tps = one_stream(runner, prompts[0], args.max_tokens, k)
-    print(f"\n3. one stream on the ModelRunner: plain {plain_tps:.0f} tok/s, speculative (k={k}) {spec_tps:.0f} tok/s "
-          f"= {spec_tps / plain_tps:.2f}x; outputs equal: {plain_tokens == spec_tokens == single}")
-
-    print(f"\n4. forward cost, verify (k={k}: {k + 1} tokens/seq) against decode (1 token/seq), ~300-token contexts:")
+    print(f"   forward cost, verify (k={k}: {k + 1} tokens/seq) against decode (1 token/seq), ~300-token contexts:")
     print("   batch  decode ms  verify ms  ratio  projected speedup at the measured tokens/step")
     for batch in (1, 2, 4, 8, 16, 32):
         decode, verify = forward_ms(runner, batch, 1), forward_ms(runner, batch, k + 1)
