@@ -8,6 +8,7 @@ hostile values (null, "", 1e309, 2**70, deep nesting, ...) over a body that is o
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -286,3 +287,46 @@ def test_hostile_responses_requests_get_4xx_in_the_responses_shape(server):
     assert answers["10k items"].json()["error"]["param"] == "input"
     assert answers["deleted previous"].status_code == answers["retrieve deleted"].status_code == 404
     assert create(input="still serving").status_code == 200
+
+
+def test_hostile_files_and_batches_get_4xx(server):
+    """OpenAI's Files and Batch APIs: a non-JSONL file, one of another purpose, an oversized one, a
+    batch of an unknown endpoint or window, ids that do not exist, and a file of lines for another
+    endpoint (a batch that fails validation, never one that hangs): 4xx or a failed batch, never 5xx."""
+    def upload(data: bytes, purpose: str = "batch") -> httpx.Response:
+        return httpx.post(f"{server}/v1/files", files={"file": ("x.jsonl", data)}, data={"purpose": purpose},
+                          timeout=60)
+
+    def create(**fields) -> httpx.Response:
+        return httpx.post(f"{server}/v1/batches", json={"endpoint": "/v1/chat/completions",
+                                                        "completion_window": "24h", **fields}, timeout=60)
+
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"model": SECOND_MODEL, "input": "x"}}
+    good = upload((json.dumps(line) + "\n").encode())
+    assert good.status_code == 200, good.text
+    answers = {
+        "not JSONL": upload(b"hello world\n"),
+        "not UTF-8": upload(b"\xff\xfe\xfd\n"),
+        "empty file": upload(b""),
+        "another purpose": upload(b"{}\n", purpose="fine-tune"),
+        "no file part": httpx.post(f"{server}/v1/files", data={"purpose": "batch"}, timeout=60),
+        "oversized": upload(b'{"x": "' + b"y" * 2_000_000 + b'"}\n'),
+        "unknown endpoint": create(input_file_id=good.json()["id"], endpoint="/v1/telepathy"),
+        "unknown window": create(input_file_id=good.json()["id"], completion_window="1h"),
+        "missing file": create(input_file_id="file-does-not-exist"),
+        "retrieve missing file": httpx.get(f"{server}/v1/files/file-does-not-exist", timeout=10),
+        "content of missing file": httpx.get(f"{server}/v1/files/file-does-not-exist/content", timeout=10),
+        "retrieve missing batch": httpx.get(f"{server}/v1/batches/batch_does_not_exist", timeout=10),
+        "cancel missing batch": httpx.post(f"{server}/v1/batches/batch_does_not_exist/cancel", timeout=10),
+        "batches limit 0": httpx.get(f"{server}/v1/batches?limit=0", timeout=10),
+    }
+    wrong = [f"{label}: {r.status_code} {r.text[:200]}" for label, r in answers.items()
+             if not 400 <= r.status_code < 500 or not isinstance(r.json().get("error", {}).get("message"), str)]
+    assert not wrong, "\n".join(wrong)
+    batch = create(input_file_id=good.json()["id"])  # its one line asks for another endpoint than the batch's
+    assert batch.status_code == 200, batch.text
+    deadline = time.monotonic() + 30
+    while (state := httpx.get(f"{server}/v1/batches/{batch.json()['id']}", timeout=10).json())["status"] == "validating":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state["status"] == "failed" and state["errors"]["data"][0]["code"] == "invalid_url"

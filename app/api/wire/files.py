@@ -62,7 +62,7 @@ def routes(pipeline: Pipeline, config: AppConfig) -> Adapter:
         try:
             await _stage(file, staged, max_bytes)
             await asyncio.to_thread(_check_jsonl, staged)
-            return await files.add(current_call.get().tenant, staged, purpose, file.filename or "file.jsonl")
+            return await files.add(current_call.get().tenant, staged, purpose, _filename(file.filename))
         finally:
             staged.unlink(missing_ok=True)
 
@@ -113,6 +113,11 @@ async def _stage(upload: UploadFile, staged, max_bytes: int) -> None:
             out.write(chunk)
     if size == 0:
         raise invalid("file: the file is empty", "file")
+
+
+def _filename(name: str | None) -> str:
+    """The name as stored: no NUL (PostgreSQL's text refuses it), at most 255 characters."""
+    return (name or "").replace("\x00", "")[:255] or "file.jsonl"
 
 
 def _check_jsonl(path) -> None:
