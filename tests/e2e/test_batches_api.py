@@ -189,3 +189,18 @@ def test_hostile_uploads_and_batches_are_4xx(app):
     assert httpx.post(f"{app}/v1/files", headers=headers, data={"purpose": "batch"}).status_code in (400, 422)
     assert httpx.get(f"{app}/v1/batches?limit=0", headers=headers).status_code in (400, 422)
     assert client.models.list().data  # still serving
+
+
+def test_a_responses_batch_answers_as_the_responses_route(app):
+    client = sdk(app)
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+              "body": {"model": MODEL, "input": f"Hello {i}", "max_output_tokens": 6, "temperature": 0}}
+             for i in range(2)]
+    batch = wait_ended(client, client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/responses",
+                                                     completion_window="24h").id)
+    assert batch.status == "completed" and batch.request_counts.completed == 2, batch
+    for line in content(client, batch.output_file_id):
+        body = line["response"]["body"]
+        direct = client.responses.create(model=MODEL, input=f"Hello {line['custom_id'][1:]}", max_output_tokens=6,
+                                         temperature=0, store=False)
+        assert body["object"] == "response" and body["output"][0]["content"][0]["text"] == direct.output_text

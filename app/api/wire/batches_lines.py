@@ -12,16 +12,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from app.api.errors import ConduitError, stream_failure
+from app.api.errors import ConduitError, invalid, stream_failure
 from app.api.pipeline import Pipeline
 from app.api.server import validation_error
 from app.api.wire.embeddings import EmbeddingRequest, embedding_response
 from app.api.wire.openai import ChatCompletionRequest, CompletionRequest, respond
+from app.api.wire.responses import new_response
+from app.api.wire.responses_items import input_items, to_messages
+from app.api.wire.responses_request import ResponsesRequest
+from app.api.wire.responses_stream import ResponseOutput
 from app.batch.lines import BatchLine, LineError, parse_line, response_line
 from app.batch.requests import refusal_line
 
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding"}
-BODY_MODELS = {"chat": ChatCompletionRequest, "completion": CompletionRequest, "embedding": EmbeddingRequest}
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding",
+             "/v1/responses": "response"}
+BODY_MODELS = {"chat": ChatCompletionRequest, "completion": CompletionRequest, "embedding": EmbeddingRequest,
+               "response": ResponsesRequest}
 MAX_LINES = 50_000  # OpenAI's limit on one batch's requests
 MAX_ERRORS = 100  # validation errors reported (the first ones)
 
@@ -68,7 +74,9 @@ async def answer(pipeline: Pipeline, line: BatchLine) -> tuple[bool, str]:
     request_id = uuid.uuid4().hex
     try:
         body = _body(kind, line.body)
-        if kind == "embedding":
+        if kind == "response":
+            result = await _response(pipeline, request_id, body)
+        elif kind == "embedding":
             vectors, tokens = await pipeline.embed(body.model, body.inputs(), body.dimensions)
             result = embedding_response(body.model, vectors, tokens, body.encoding_format)
         else:
@@ -87,4 +95,23 @@ def _body(kind: str, raw: dict):
         raise validation_error(RequestValidationError(e.errors())) from None
     if getattr(body, "stream", False):
         raise ConduitError("stream is not supported in a batch: each line gets one whole response", param="stream")
+    if kind == "response":
+        body.check()
+        for field in ("background", "previous_response_id"):
+            if getattr(body, field):
+                raise invalid(f"{field} is not supported in a batch", field, "unsupported_parameter")
     return body
+
+
+async def _response(pipeline: Pipeline, request_id: str, body: ResponsesRequest) -> dict:
+    """A Responses API line: answered as POST /v1/responses answers, not stored (a batch's output
+    file holds it)."""
+    tools = body.function_tools()
+    items = input_items(body.input)
+    if not items:
+        raise invalid("input must not be empty", "input")
+    req = body.to_internal(request_id, to_messages(items, body.instructions), tools)
+    output = ResponseOutput(new_response(body, tools, "in_progress"), req)
+    (out,) = await pipeline.complete(req)
+    output.feed(out)
+    return output.response
