@@ -31,6 +31,7 @@ CHATS = {
     "logprobs": {**GREEDY, "logprobs": True, "top_logprobs": 3},
     "json_schema": {**GREEDY, "max_tokens": 60, "response_format": {"type": "json_schema", "json_schema": {
         "name": "city", "schema": {"type": "object", "properties": {"city": {"type": "string"}}}}}},
+    "json_object": {**GREEDY, "max_tokens": 30, "response_format": {"type": "json_object"}},
     "tools_auto": {**GREEDY, "tools": [WEATHER, TIME]},
     "tools_required": {**GREEDY, "max_tokens": 120, "tools": [WEATHER, TIME], "tool_choice": "required"},
     "tools_named": {**GREEDY, "max_tokens": 120, "tools": [WEATHER, TIME], "tool_choice": NAMED},
@@ -124,6 +125,7 @@ COMPLETIONS = {
     "n2": {"model": MODEL, "prompt": "alpha beta", "max_tokens": 8, "n": 2, "seed": 1},
     "logprobs_echo": {"model": MODEL, "prompt": "alpha beta", "max_tokens": 8, "logprobs": 2, "echo": True},
     "token_ids": {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 0},
+    "suffix": {"model": MODEL, "prompt": "def add(a, b):", "suffix": "\n\nprint(add(1, 2))", "max_tokens": 8},
 }
 
 
@@ -132,8 +134,10 @@ def test_completion_and_its_chunks_keep_to_the_schema(server, case):
     r = post(server, "/v1/completions", COMPLETIONS[case])
     assert r.status_code == 200, r.text
     validate(r.json(), "CreateCompletionResponse")
-    for chunk in events(server, "/v1/completions", COMPLETIONS[case]):
+    chunks = events(server, "/v1/completions", {**COMPLETIONS[case], "stream_options": {"include_usage": True}})
+    for chunk in chunks:
         validate(chunk, "CreateCompletionResponse")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
 
 
 @pytest.mark.parametrize("body", [

@@ -78,3 +78,15 @@ def test_auto_tool_call_keeps_to_the_schema():
     validate(body, "CreateChatCompletionResponse")
     assert body["choices"][0]["finish_reason"] == "tool_calls"
     streamed(ResponseBuilder("chat", "chatcmpl-1", "m", True, request()), text, "stop")
+
+
+def test_completion_chunks_with_usage_keep_to_the_schema():
+    """Completions' schema (one for bodies and chunks) has no `usage: null`: only the last chunk has usage."""
+    builder = ResponseBuilder("completion", "cmpl-1", "m", True)
+    outs = [output("Hello", None), output(" there", "length")]
+    lines = [line for i, out in enumerate(outs) for line in builder.chunks(0, out, first=i == 0)]
+    lines.append(builder.usage_chunk([outs[-1]]))
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines]
+    for chunk in chunks:
+        validate(chunk, "CreateCompletionResponse")
+    assert ["usage" in c for c in chunks] == [False, False, True]

@@ -359,8 +359,8 @@ class ResponseBuilder:
 
     def _chunk(self, choice: dict) -> str:
         payload = self._envelope(self.chunk_object, [choice])
-        if self.include_usage:
-            payload["usage"] = None
+        if self.include_usage and self.kind == "chat":  # chat's schema has `usage: null` until the end;
+            payload["usage"] = None  # completions' has no null there, so the field is left out
         return sse(payload)
 
 
