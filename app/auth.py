@@ -21,7 +21,7 @@ HEALTH_PATH, METRICS_PATH = "/health", "/metrics"
 
 def health_paths() -> frozenset[str]:
     """The liveness routes: /health, and Vertex AI's probe route where AIP_HEALTH_ROUTE names another
-    (app/api/vertex.py serves it there; Vertex sets the variable in the container)."""
+    (app/api/wire/vertex.py serves it there; Vertex sets the variable in the container)."""
     return frozenset({HEALTH_PATH, os.environ.get("AIP_HEALTH_ROUTE") or HEALTH_PATH})
 
 
