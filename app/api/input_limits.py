@@ -67,14 +67,17 @@ class BodyGuard:
     app unchanged."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float,
-                 reject: Callable[[Request, ConduitError], Response]):
+                 reject: Callable[[Request, ConduitError], Response], path_limits: dict[str, int] | None = None):
+        """`path_limits`: paths whose bodies may be larger (or must be smaller) than `max_bytes`."""
         self.app, self.max_bytes, self.timeout_s, self.reject = app, max_bytes, timeout_s, reject
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         try:
-            body = await asyncio.wait_for(self._read(receive), self.timeout_s)
+            limit = self.path_limits.get(scope["path"], self.max_bytes)
+            body = await asyncio.wait_for(self._read(receive, limit), self.timeout_s)
         except TimeoutError:
             body = ConduitError(f"The request body did not arrive within {self.timeout_s:g} s", 408,
                                 code="request_timeout")
@@ -85,7 +88,7 @@ class BodyGuard:
             return await self.reject(Request(scope), error)(scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
 
-    async def _read(self, receive: Receive) -> bytes | ConduitError | None:
+    async def _read(self, receive: Receive, max_bytes: int) -> bytes | ConduitError | None:
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -93,8 +96,8 @@ class BodyGuard:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                return ConduitError(f"Request body exceeds the limit of {self.max_bytes} bytes", 413,
+            if size > max_bytes:
+                return ConduitError(f"Request body exceeds the limit of {max_bytes} bytes", 413,
                                     code="request_too_large")
             chunks.append(chunk)
             if not message.get("more_body"):

@@ -73,12 +73,13 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
     # once: nothing counts them or reads their body), the capacity check, rate limits and deadline
     # (after capacity, so a call refused for capacity costs its key nothing), then the body read.
     gate = Gate.from_config(config)
-    api.add_middleware(BodyGuard, max_bytes=config.ingress.max_request_bytes,
-                       timeout_s=config.ingress.body_timeout_s, reject=error_response)
+    max_bytes = config.ingress.max_request_bytes
+    path_limits = {"/v1/files": config.store.max_file_bytes}  # uploads: batch input files are large
+    api.add_middleware(BodyGuard, max_bytes=max_bytes, timeout_s=config.ingress.body_timeout_s,
+                       reject=error_response, path_limits=path_limits)
     api.middleware("http")(gate.middleware(error_response))
     api.add_middleware(InFlightCap, limit=ingress_capacity(), reject=error_response)
     api.add_middleware(Authenticate, gate=gate, reject=error_response)
-    max_bytes = config.ingress.max_request_bytes
 
     # No x-request-id on responses here: Serve's proxy already echoes it on every response (the
     # client's, or the one it made and passed in), so setting it too would send it twice.
@@ -87,8 +88,9 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
         request.state.request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         record = access_log.start(request, config.logging.log_prompts)
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_bytes):
-            err = ConduitError(f"Request body of {length} bytes exceeds the limit of {max_bytes} bytes",
+        limit = path_limits.get(request.url.path, max_bytes)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            err = ConduitError(f"Request body of {length} bytes exceeds the limit of {limit} bytes",
                                413, code="request_too_large")
             return access_log.finish(record, request, error_response(request, err))
         response = await call_next(request)

@@ -18,7 +18,7 @@ def reject(request, err):
     return JSONResponse({"error": {"code": err.code}}, status_code=err.status)
 
 
-def call(app, chunks: list[bytes], stall: bool) -> tuple[dict, dict, float]:
+def call(app, chunks: list[bytes], stall: bool, path: str = "/v1/completions") -> tuple[dict, dict, float]:
     """POST `chunks` (then nothing more, forever, when `stall`): (response start, body, seconds)."""
 
     async def run():
@@ -35,7 +35,7 @@ def call(app, chunks: list[bytes], stall: bool) -> tuple[dict, dict, float]:
             sent.append(message)
 
         headers = [(b"content-length", b"100000" if stall else str(sum(map(len, chunks))).encode())]
-        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers, "query_string": b""}
+        scope = {"type": "http", "method": "POST", "path": path, "headers": headers, "query_string": b""}
         started = asyncio.get_running_loop().time()
         await asyncio.wait_for(app(scope, receive, send), 5)
         return sent[0], json.loads(sent[1]["body"]), asyncio.get_running_loop().time() - started
@@ -64,3 +64,13 @@ def test_a_body_past_the_size_limit_closes_too():
     start, body, _ = call(guarded(5), [b"x" * 600, b"x" * 600], stall=True)
     assert start["status"] == 413 and body["error"]["code"] == "request_too_large"
     assert (b"connection", b"close") in start["headers"]
+
+
+def test_a_path_limit_lets_uploads_past_the_body_limit_and_only_them():
+    app = BodyGuard(echo, max_bytes=1000, timeout_s=5, reject=reject, path_limits={"/v1/files": 5000})
+    start, body, _ = call(app, [b"x" * 3000], stall=False, path="/v1/files")
+    assert start["status"] == 200 and len(body["got"]) == 3000
+    start, body, _ = call(app, [b"x" * 3000], stall=False)
+    assert start["status"] == 413 and body["error"]["code"] == "request_too_large"
+    start, body, _ = call(app, [b"x" * 6000], stall=False, path="/v1/files")
+    assert start["status"] == 413

@@ -2,7 +2,7 @@
 the same store: file records in the database, their bytes in StoreConfig.files_dir. A `batch`
 file must be JSONL (each non-blank line a JSON object); files belong to the API key that uploaded
 them (another key's id is a 404, as a missing one). Uploads are bounded by store.max_file_bytes
-and, before that, by ingress.max_request_bytes (every request body is)."""
+(the server's body limit for this one path; ingress.max_request_bytes bounds every other body)."""
 
 from __future__ import annotations
 
