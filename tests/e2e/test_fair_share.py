@@ -129,7 +129,7 @@ def test_a_flooding_key_fills_its_own_share_of_the_queue(fair):
         return refused, other
 
     refused, other = asyncio.run(scenario())
-    assert refused.status_code == 503 and "share" in refused.json()["error"]["message"], refused.text
+    assert refused.status_code == 503 and "queue is full" in refused.json()["error"]["message"], refused.text
     assert other.status_code == 200, other.text
 
 
