@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.errors import ConduitError, invalid
 from app.api.wire.batches_lines import ENDPOINTS
+from app.api.wire.openai import list_page
 from app.limits import current_call
 from app.store import BatchStore, FileStore
 
@@ -70,8 +71,7 @@ def batch_routes(batches: BatchStore, files: FileStore, runner) -> APIRouter:
             data, more = await batches.list(current_call.get().tenant, after, limit)
         except KeyError:
             raise invalid(f"after: no batch with id '{after}'", "after") from None
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": more}
+        return list_page(data, more)
 
     @router.get(PREFIX + "/{batch_id}")
     async def retrieve(batch_id: str):

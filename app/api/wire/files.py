@@ -19,7 +19,7 @@ from app.api.errors import ConduitError, invalid
 from app.api.pipeline import Pipeline
 from app.api.wire.batches import batch_routes
 from app.api.wire.batches_runner import BatchRunner
-from app.api.wire.openai import error_body
+from app.api.wire.openai import error_body, list_page
 from app.config import AppConfig
 from app.limits import current_call
 from app.store import BatchStore, Database, FileStore
@@ -74,8 +74,7 @@ def routes(pipeline: Pipeline, config: AppConfig) -> Adapter:
             data, more = await files.list(current_call.get().tenant, purpose, after, limit, order == "desc")
         except KeyError:
             raise invalid(f"after: no file with id '{after}'", "after") from None
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": more}
+        return list_page(data, more)
 
     @router.get(PREFIX + "/{file_id}")
     async def retrieve(file_id: str):

@@ -236,6 +236,12 @@ CompletionRequest.model_rebuild()
 
 
 # responses ------------------------------------------------------------------------------------
+def list_page(data: list[dict], has_more: bool) -> dict:
+    """OpenAI's cursor-paged list (files, batches, a response's input items)."""
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
 def error_body(err: ConduitError) -> dict:
     return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from app.api.adapter import Adapter, adapter, request_id
 from app.api.errors import ConduitError, invalid, stream_failure
 from app.api.pipeline import Pipeline
-from app.api.wire.openai import error_body
+from app.api.wire.openai import error_body, list_page
 from app.api.wire.responses_background import BackgroundRuns, detach
 from app.api.wire.responses_items import input_items, new_id, to_messages
 from app.api.wire.responses_request import LOGPROBS_INCLUDE, FunctionTool, ResponsesRequest
@@ -146,8 +146,7 @@ def routes(pipeline: Pipeline, config: AppConfig) -> Adapter:
         if page is None:
             raise not_found(response_id)
         items, more = page
-        return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
-                "last_id": items[-1]["id"] if items else None, "has_more": more}
+        return list_page(items, more)
 
     return Adapter(router, lambda err: JSONResponse(error_body(err), status_code=err.status), prefixes=(PREFIX,))
 
