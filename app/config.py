@@ -137,6 +137,40 @@ class EngineConfig(Strict):
         return self.model_copy(update={"max_model_len": max_len, "num_kv_blocks": blocks})
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_adapter_name(name: str) -> str:
+    """A LoRA adapter's name is also a model id (`<adapter>` or `<base>:<adapter>`), and a directory
+    under `dynamic_path`: letters, digits, '.', '_' and '-' only (no ':' or '/')."""
+    if not ADAPTER_NAME.fullmatch(name):
+        raise ValueError(f"adapter name {name!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit (no ':' or '/')")
+    return name
+
+
+class LoraConfig(Strict):
+    """`models[].lora:` (docs/lora.md): LoRA adapters served on this model's replicas."""
+
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="adapter name -> its peft directory (local path or fsspec URL)")
+    dynamic_path: str | None = Field(
+        None, min_length=1, description="a directory (or fsspec URL) whose <adapter>/ subdirectories are found on "
+        "first use")
+    max_adapters_per_replica: int = Field(
+        4, ge=1, le=1024, description="adapter slots per replica; the least recently used idle adapter is evicted")
+    max_rank: int = Field(16, ge=1, le=1024, description="the largest LoRA rank accepted (slots are sized for it)")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        for name, path in adapters.items():
+            check_adapter_name(name)
+            if not path:
+                raise ValueError(f"adapter {name!r}: the path is empty")
+        return adapters
+
+
 class ModelConfig(Strict):
     name: str = Field(min_length=1, max_length=200, description="the id clients send as `model`")
     source: str = Field(min_length=1, description="a local model directory or a Hugging Face model id")
@@ -146,6 +180,13 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     aliases: list[str] = Field(default_factory=list, description="other ids that reach this model")
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    lora: LoraConfig | None = Field(None, description="LoRA adapters served on this model (null: none)")
+
+    @model_validator(mode="after")
+    def _lora_fits_the_engine(self) -> ModelConfig:
+        if self.lora is not None and self.engine.tensor_parallel_size > 1:
+            raise ValueError("lora is not supported with engine.tensor_parallel_size > 1 (yet)")
+        return self
 
     @property
     def deployment_name(self) -> str:
@@ -359,6 +400,12 @@ class AppConfig(Strict):
                     if model_id in seen:
                         raise ValueError(f"{field}[{i}]: model id {model_id!r} is used twice")
                     seen.add(model_id)
+        for i, model in enumerate(self.models):  # an adapter's name is a model id too
+            for name in model.lora.adapters if model.lora else ():
+                if name in seen:
+                    raise ValueError(f"models[{i}].lora.adapters.{name}: the name is already a model id or "
+                                     "another adapter's name")
+                seen.add(name)
         return self
 
 
