@@ -29,11 +29,13 @@ from dataclasses import dataclass
 
 from app.api.disconnects import cancelled_unless_finished
 from app.api.errors import unavailable
+from app.api.faults import REPLICA_LOST
 from app.engine.engine import RequestOutput
 
 log = logging.getLogger("ray.serve")
 CHANNEL_IDLE_S = 2.0  # a channel no stream used for this long ends (drain waits at most this for it)
 CHANNEL_OPEN_TIMEOUT_S = 10.0  # a channel the router could not place in this long is given up
+LOST_REPLICA_RETRIES = 2  # a request whose replica died before its first delta is sent again this often
 
 
 @dataclass(frozen=True)
@@ -221,8 +223,30 @@ class StreamMux:
         self._keys = itertools.count()
 
     async def generate(self, handle, prepared) -> AsyncIterator[RequestOutput]:
-        """`prepared`'s deltas from the model deployment behind `handle`. Closing this early cancels the
-        request's call (the replica aborts the sequence); so does its client going away."""
+        """`prepared`'s deltas from the model deployment behind `handle`. A replica lost before the
+        request's first delta costs the client nothing: nothing has reached it, and the engine state
+        died with the replica, so the request is sent again (the router no longer picks a dead replica).
+        After its first delta a lost replica ends the stream. Closing this early cancels the request's
+        call (the replica aborts the sequence); so does its client going away."""
+        for attempt in range(LOST_REPLICA_RETRIES + 1):
+            deltas = self._attempt(handle, prepared)
+            try:
+                first = await anext(deltas)
+                break
+            except REPLICA_LOST as e:
+                if attempt == LOST_REPLICA_RETRIES:
+                    raise
+                log.warning("request %s: model replica lost before its first token (%r); sending it again",
+                            prepared.request_id, e)
+        try:
+            yield first
+            async for out in deltas:
+                yield out
+        finally:
+            await deltas.aclose()
+
+    async def _attempt(self, handle, prepared) -> AsyncIterator[RequestOutput]:
+        """One call of the request and its deltas, from whichever path carries them."""
         key = next(self._keys)
         inbox = self._inboxes[key] = Inbox()
         call = handle.options(stream=True).generate.remote(prepared, Route(self.ingress, key))
