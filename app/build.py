@@ -14,6 +14,7 @@ from app.demo_model import build_demo_model
 from app.resources import check_live_cluster, replica_options, uses_gpu
 from deployments.embedder import Embedder
 from deployments.ingress import Ingress
+from deployments.lora_registry import LoraRegistry
 from deployments.model import Model
 from deployments.router import PrefixAffinityRouter
 from deployments.tokenizer import Tokenizer
@@ -33,7 +34,10 @@ def build_app(args: dict) -> Application:
     models = {
         m.name: Model.options(
             name=m.deployment_name,
-            request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter),
+            request_router_config=RequestRouterConfig(
+                request_router_class=PrefixAffinityRouter,
+                # past a full batch a request waits: a replica holding its LoRA adapter is busy then
+                request_router_kwargs={"busy_queue_len": m.engine.max_num_seqs}),
             logging_config=logs,
             **replica_options(m, uses_gpu(m, cluster_gpus)),
         ).bind(m)
@@ -42,4 +46,7 @@ def build_app(args: dict) -> Application:
     embedders = {
         m.name: Embedder.options(name=m.deployment_name, logging_config=logs).bind(m) for m in config.embedding_models
     }
-    return Ingress.options(logging_config=logs).bind(config, tokenizer, models, embedders=embedders)
+    # runtime-loaded LoRA adapters (POST /v1/load_lora_adapter), shared by the ingress replicas
+    registry = LoraRegistry.options(logging_config=logs).bind() if any(m.lora for m in config.models) else None
+    return Ingress.options(logging_config=logs).bind(config, tokenizer, models, embedders=embedders,
+                                                     lora_registry=registry)

@@ -95,6 +95,8 @@ VLLM = {spec.name: spec for spec in [
        REQUEST_LATENCY_BUCKETS),
     _h("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
        REQUEST_LATENCY_BUCKETS),
+    Spec("vllm:lora_requests_info", "gauge", "Running stats on lora requests.",
+         VLLM_LABELS + ("running_lora_adapters", "waiting_lora_adapters", "max_lora")),
 ]}
 
 CONDUIT = {spec.name: spec for spec in [
@@ -121,6 +123,10 @@ CONDUIT = {spec.name: spec for spec in [
          "Requests in model execution batches, by API key id (a sha256 prefix).", VLLM_LABELS + ("key",)),
     Spec("conduit:num_requests_waiting_by_key", "gauge",
          "Requests waiting to be processed, by API key id (a sha256 prefix).", VLLM_LABELS + ("key",)),
+    Spec("conduit:lora_adapter_loads", "counter",
+         "LoRA adapters installed into an engine slot (a first use, or a reload after eviction)."),
+    Spec("conduit:lora_adapter_evictions", "counter",
+         "LoRA adapters evicted from an engine slot to make room (least recently used first)."),
     Spec("conduit:preemptions", "counter",
          "Preemptions by cause: kv_cache (no free block), priority (a better class waited), fair_share (a key "
          "below its share waited).", VLLM_LABELS + ("cause",)),
@@ -217,6 +223,7 @@ class ModelMetrics:
         self._last_preemptions = dict.fromkeys(PREEMPTION_CAUSES, 0)
         self._last_spec: dict[str, int] | None = None  # speculative decoding's counters, once the engine has them
         self._last_accepted_per_pos: list[int] = []
+        self._last_lora: dict[str, int] = {}  # LoRA slot loads and evictions so far
         for name in [*self._last_counters, "vllm:prompt_tokens", "vllm:generation_tokens"]:
             start_at_zero(name, **self.tags)
         for reason in FINISHED_REASONS:
@@ -323,13 +330,29 @@ class ModelMetrics:
             inc("conduit:preemptions", count - self._last_preemptions.get(cause, 0), cause=cause, **self.tags)
         self._last_preemptions = dict(stats.preemptions_by_cause)
 
-    def poll(self, read_stats, interval_s: float = 1.0) -> threading.Thread:
-        """Record `read_stats()` every `interval_s` in a daemon thread."""
+    def record_lora(self, lora: dict) -> None:
+        """One `LLMEngine.lora_stats()` reading: vLLM's info gauge (the value is the time of the reading,
+        the adapters are comma-joined labels, as vLLM has it) and the slot loads and evictions."""
+        labels = {"running_lora_adapters": ",".join(lora["running"]),
+                  "waiting_lora_adapters": ",".join(lora["waiting"]), "max_lora": str(lora["max_lora"])}
+        ray_metric("vllm:lora_requests_info").set(time.time(), tags={**labels, **self.tags})
+        current = {"conduit:lora_adapter_loads": lora["loads"], "conduit:lora_adapter_evictions": lora["evictions"]}
+        for name, value in current.items():
+            if name not in self._last_lora:  # the first reading: the series starts at 0
+                start_at_zero(name, **self.tags)
+            inc(name, value - self._last_lora.get(name, 0), **self.tags)
+        self._last_lora = current
+
+    def poll(self, read_stats, read_lora=None, interval_s: float = 1.0) -> threading.Thread:
+        """Record `read_stats()` (and `read_lora()`, for a model serving LoRA adapters) every
+        `interval_s` in a daemon thread."""
 
         def loop() -> None:
             while True:
                 try:
                     self.record_stats(read_stats())
+                    if read_lora is not None:
+                        self.record_lora(read_lora())
                 except Exception:  # a metrics hiccup must never take the replica down
                     log.exception("reading engine stats for metrics failed")
                 time.sleep(interval_s)

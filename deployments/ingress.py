@@ -15,6 +15,7 @@ from app.api.pipeline import Pipeline
 from app.api.server import build_api
 from app.api.stream_mux import StreamMux
 from app.config import AppConfig
+from deployments.adapters import LoraTable
 from deployments.router import ModelTable
 
 
@@ -22,11 +23,13 @@ from deployments.router import ModelTable
 @serve.ingress()
 class Ingress:
     def __init__(self, config: AppConfig, tokenizer: DeploymentHandle, models: dict[str, DeploymentHandle],
-                 embedders: dict[str, DeploymentHandle] | None = None):
+                 embedders: dict[str, DeploymentHandle] | None = None, lora_registry: DeploymentHandle | None = None):
         self.config = config
+        adapters = {m.name: m.lora for m in config.models if m.lora is not None}  # models that serve LoRA adapters
         self.pipeline = Pipeline(
             tokenizer,
-            ModelTable({m.name: m.aliases for m in config.models}, models),
+            ModelTable({m.name: m.aliases for m in config.models}, models,
+                       lora=LoraTable(adapters, lora_registry) if adapters else None),
             embedders=ModelTable({m.name: m.aliases for m in config.embedding_models}, embedders or {}),
             limits=config.ingress.input_limits,
             mux=StreamMux(serve.get_replica_context().replica_id.unique_id),

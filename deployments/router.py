@@ -7,6 +7,9 @@ request, and the token stream then flows straight from the chosen replica to the
 Replica choice is prefix-affine: replicas are ranked by rendezvous hash of the prompt's first KV
 block, and the two best-ranked compete on queue length (power of two choices). Requests sharing a
 system prompt therefore land where that prefix is already cached, without piling onto one replica.
+A request for a LoRA adapter goes first to replicas that hold it (Serve's model multiplexing tells
+the router which), with the prefix order as tie-breaker, and to a less busy replica, which then loads
+it, when every holder is busy.
 """
 
 from __future__ import annotations
@@ -15,22 +18,25 @@ import hashlib
 import random
 import time
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
-from app.api.errors import model_not_found
 from app import metrics
+from app.api.errors import model_not_found
 from app.api.protocol import PreparedRequest
 from app.api.stream_mux import ChannelOpen
+from deployments.adapters import LoraTable, Target
 
 PREFIX_TOKENS = 16  # = the engine's default block size: one cached block's worth
 
 
 class ModelTable:
-    """Maps every served id (name or alias) to its model deployment's handle."""
+    """Maps every served id (name or alias) to its model deployment's handle, and ids that name a LoRA
+    adapter (`<base>:<adapter>`, or the adapter's own name) to the base model and that adapter."""
 
-    def __init__(self, names: dict[str, list[str]], handles: dict):
+    def __init__(self, names: dict[str, list[str]], handles: dict, lora: LoraTable | None = None):
         self.handles = handles
         self.ids = {alias: name for name, aliases in names.items() for alias in [name, *aliases]}
+        self.lora = lora
 
     def resolve(self, model: str) -> str:
         name = self.ids.get(model)
@@ -38,15 +44,34 @@ class ModelTable:
             raise model_not_found(model)
         return name
 
-    def handle(self, name: str):
-        return self.handles[name]
+    async def target(self, model: str) -> Target:
+        """The base model and adapter `model` names; 404 when it names neither."""
+        if (name := self.ids.get(model)) is not None:
+            return Target(name)
+        if self.lora is None:
+            raise model_not_found(model)
+        base, colon, adapter = model.rpartition(":")
+        if colon and base in self.ids:
+            return await self.lora.resolve(model, adapter, self.ids[base])
+        return await self.lora.resolve(model, model)
+
+    def handle(self, name: str, lora: str | None = None):
+        """The deployment's handle; with an adapter's key, Serve's multiplexing carries the key, so the
+        router (below) sees it and the replica's cache is keyed by it."""
+        handle = self.handles[name]
+        return handle if lora is None else handle.options(multiplexed_model_id=lora)
 
 
 def _score(replica_id: str, key: bytes) -> bytes:
     return hashlib.blake2b(key + replica_id.encode(), digest_size=8).digest()
 
 
-class PrefixAffinityRouter(FIFOMixin, RequestRouter):
+class PrefixAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
+    def initialize_state(self, busy_queue_len: int = 32) -> None:
+        """`busy_queue_len`: a replica with this many requests is busy (RequestRouterConfig's
+        request_router_kwargs: the model's batch size, past which a request waits for a slot)."""
+        self.busy_queue_len = busy_queue_len
+
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
@@ -62,7 +87,25 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
             ranked = sorted(candidate_replicas, key=lambda r: _score(r.replica_id.unique_id, key))
         else:
             ranked = random.sample(candidate_replicas, len(candidate_replicas))
+        if isinstance(request, PreparedRequest) and request.lora is not None:
+            ranks = self._adapter_ranks(ranked, request.lora)
+        else:  # best two compete on queue length; the rest are the fallback when both are full
+            ranks = [ranked[:2], ranked[2:]] if len(ranked) > 2 else [ranked]
         metrics.observe("conduit:router_latency_seconds", time.perf_counter() - started,
                         deployment=self._deployment_id.name)
-        # best two compete on queue length; the rest are the fallback when both are full
-        return [ranked[:2], ranked[2:]] if len(ranked) > 2 else [ranked]
+        return ranks
+
+    def _adapter_ranks(self, ranked: list[RunningReplica], lora: str) -> list[list[RunningReplica]]:
+        """Replicas holding the adapter (Serve's multiplexed model ids: loaded or loading) first, the
+        best two by prefix competing on queue length; when every holder is busy, the least busy of the
+        replicas holding fewest adapters loads it; busy holders are the last resort."""
+        holders = [r for r in ranked if lora in r.multiplexed_model_ids]
+        free_holders = [r for r in holders if not self._busy(r)]
+        others = sorted((r for r in ranked if lora not in r.multiplexed_model_ids),
+                        key=lambda r: len(r.multiplexed_model_ids))  # stable: prefix order among equals
+        ranks = [free_holders[:2], others, [r for r in holders if r not in free_holders[:2]]]
+        return [rank for rank in ranks if rank]
+
+    def _busy(self, replica: RunningReplica) -> bool:
+        queued = self.replica_queue_len_cache.get(replica.replica_id)
+        return queued is not None and queued >= self.busy_queue_len

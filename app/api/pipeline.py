@@ -22,6 +22,7 @@ from app.api.stream_mux import StreamMux
 from app.config import InputLimits
 from app.engine.engine import RequestOutput
 from app.limits import Reservation, current_call
+from deployments.adapters import Target, load_at_runtime, unload_at_runtime
 from deployments.router import ModelTable
 
 
@@ -44,10 +45,22 @@ class Pipeline:
     def resolve_any(self, model: str) -> str:
         return self.embedders.resolve(model) if model in self.embedders.ids else self.models.resolve(model)
 
-    def _generative(self, model: str) -> str:
+    async def _generative(self, model: str) -> Target:
+        """The base model (and LoRA adapter) a generative request names: this is where every wire
+        format's `model` is resolved."""
         if model in self.embedders.ids:
             raise invalid(f"`{model}` is an embedding model; call /v1/embeddings with it", "model", "model_not_supported")
-        return self.models.resolve(model)
+        return await self.models.target(model)
+
+    async def adapters(self) -> list[tuple[str, str]]:
+        """(adapter name, base model) of every LoRA adapter configured or loaded at runtime."""
+        return await self.models.lora.listing() if self.models.lora else []
+
+    async def load_lora(self, lora_name: str, lora_path: str) -> None:
+        await load_at_runtime(self.models, lora_name, lora_path)
+
+    async def unload_lora(self, lora_name: str) -> None:
+        await unload_at_runtime(self.models, lora_name)
 
     async def prepare(self, req: GenerateRequest) -> tuple[list[PreparedRequest], Reservation]:
         """Tokenize once and reserve the key's tokens per minute for all it may use (prompt + n ×
@@ -55,8 +68,10 @@ class Pipeline:
         seed, seed+1, ...)."""
         check_generate(req, self.limits)
         started = time.monotonic()
-        req.model = self._generative(req.model)
+        target = await self._generative(req.model)
+        req.model = target.model  # the base's tokenizer and context window serve its adapters
         prepared = await self.tokenizer.prepare.remote(req)
+        prepared.lora, prepared.lora_path = target.lora, target.lora_path
         prompt = len(prepared.prompt_ids)
         access_log.tokenized(req.model, prompt, time.monotonic() - started, req.messages or req.prompt)
         cap_max_tokens(req, prepared.sampling, self.limits)
@@ -72,7 +87,7 @@ class Pipeline:
         ], reservation
 
     async def generate(self, prepared: PreparedRequest, reservation: Reservation) -> AsyncIterator[RequestOutput]:
-        stream = self.mux.generate(self.models.handle(prepared.model), prepared)
+        stream = self.mux.generate(self.models.handle(prepared.model, prepared.lora), prepared)
         out = None
         try:
             async for out in stream:
@@ -114,12 +129,12 @@ class Pipeline:
     async def tokenize(self, req: GenerateRequest) -> tuple[list[int], int]:
         """(prompt token ids, the model's context window)."""
         check_generate(req, self.limits)
-        req.model = self._generative(req.model)
+        req.model = (await self._generative(req.model)).model
         prepared = await self.tokenizer.prepare.remote(req)
         return prepared.prompt_ids, prepared.sampling.max_tokens + len(prepared.prompt_ids)
 
     async def detokenize(self, model: str, token_ids: list[int]) -> str:
-        return await self.tokenizer.detokenize.remote(self._generative(model), token_ids)
+        return await self.tokenizer.detokenize.remote((await self._generative(model)).model, token_ids)
 
     async def embed(
         self, model: str, inputs: list[str] | list[list[int]], dimensions: int | None = None
@@ -137,7 +152,7 @@ class Pipeline:
         return vectors, prompt_tokens
 
     async def max_model_len(self, model: str) -> int:
-        return await self.tokenizer.max_model_len.remote(self.models.resolve(model))
+        return await self.tokenizer.max_model_len.remote((await self.models.target(model)).model)
 
     async def _collect(self, prepared: PreparedRequest, reservation: Reservation) -> RequestOutput:
         result = None

@@ -54,3 +54,7 @@ class PreparedRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     priority: int = 0  # what the engine's scheduler uses: the asked priority after the key's cap
     tenant: str = ""  # whose fair share it uses (the API key's id)
+    # the LoRA adapter it decodes with (None: the base model): `lora` is the adapter's key on the
+    # model replicas (Serve's multiplexed model id, the engine's adapter name), `lora_path` its files
+    lora: str | None = None
+    lora_path: str | None = None

@@ -393,10 +393,15 @@ def routes(pipeline: Pipeline, config: AppConfig):
     @router.get("/v1/models")
     async def list_models():
         data = [model_card(model_id, name) for model_id, name in pipeline.served_ids().items()]
+        data += [model_card(name, base, parent=base) for name, base in await pipeline.adapters()]
         return {"object": "list", "data": data}
 
     @router.get("/v1/models/{model:path}")
     async def get_model(model: str):
+        if model not in pipeline.served_ids():  # a LoRA adapter's card, if it is one
+            for name, base in await pipeline.adapters():
+                if model in (name, f"{base}:{name}"):
+                    return model_card(model, base, parent=base)
         return model_card(model, pipeline.resolve_any(model))
 
     @router.post("/tokenize")
@@ -430,8 +435,9 @@ async def _echo_text(pipeline: Pipeline, req: GenerateRequest) -> str:
     return await pipeline.detokenize(req.model, req.prompt)
 
 
-def model_card(model_id: str, name: str) -> dict:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "conduit", "root": name}
+def model_card(model_id: str, name: str, parent: str | None = None) -> dict:
+    """`parent`: the base model of a LoRA adapter (vLLM's card), else None."""
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "conduit", "root": name, "parent": parent}
 
 
 async def _sse(builder: ResponseBuilder, stream, n: int):
