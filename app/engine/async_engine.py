@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from app.engine.engine import LLMEngine, RequestOutput
 from app.engine.errors import RequestRejected
+from app.engine.lora.adapter import LoraAdapter
 from app.engine.sampling_params import GuidedDecoding, SamplingParams
 from app.engine.schema_limits import SchemaError
 
@@ -69,6 +70,7 @@ class AsyncEngine:
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams,
         min_interval: float = 0.0, max_messages_per_s: float | None = None, priority: int = 0, tenant: str = "",
+        lora: LoraAdapter | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields merged deltas (the first at once, then at most one per `flush_interval()`), the last
         with `finished=True`. Closing the iterator early aborts the request and frees its KV blocks.
@@ -84,7 +86,7 @@ class AsyncEngine:
         engine_id = f"{request_id}#{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[engine_id] = queue
-        self._post(("add", engine_id, prompt_ids, params, priority, tenant))
+        self._post(("add", engine_id, prompt_ids, params, priority, tenant, lora))
         finished = False
         last_flush = -1e9
         try:
@@ -140,9 +142,9 @@ class AsyncEngine:
             if command[0] == "abort":
                 self.engine.abort_request(command[1])
                 continue
-            _, request_id, prompt_ids, params, priority, tenant = command
+            _, request_id, prompt_ids, params, priority, tenant, lora = command
             try:
-                self.engine.add_request(request_id, prompt_ids, params, priority, tenant)
+                self.engine.add_request(request_id, prompt_ids, params, priority, tenant, lora)
             except Exception as e:  # refused (RequestRejected) or failed on arrival: this request only
                 failed = RequestOutput(request_id, finished=True, finish_reason="error", error=e)
                 self._loop.call_soon_threadsafe(self._dispatch, [failed])

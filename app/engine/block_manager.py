@@ -7,7 +7,9 @@ block when none is free causes a preemption (see scheduler).
 
 Prefix cache: every full prompt block is registered under a chain hash of its tokens (block i's hash
 covers blocks 0..i). A later prompt that starts with the same blocks shares them (a reference count,
-no copy), so a long system prompt is computed once. A freed block keeps its contents and hash while
+no copy), so a long system prompt is computed once. The chain starts from the sequence's LoRA adapter
+(its identity; 0 for the base model): the same tokens under another adapter have other K/V, so blocks
+are never shared across adapters. A freed block keeps its contents and hash while
 it waits in the free list, oldest freed reused first: cached prefixes live in otherwise idle memory
 and cost no capacity.
 """
@@ -17,6 +19,13 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from app.engine.sequence import Sequence
+
+
+def _chain_seed(seq) -> int:
+    """The prefix chain's first link: the adapter's identity, or 0 for the base model (and for the
+    draft model's shadow sequences, which have no adapter)."""
+    lora = getattr(seq, "lora", None)
+    return 0 if lora is None else hash(("lora", lora.uid))
 
 
 def _blocks_for(num_tokens: int, block_size: int) -> int:
@@ -48,7 +57,7 @@ class BlockManager:
         """Give `seq` its block table: shared cached blocks for its longest cached prefix, fresh ones
         after it. Sets `seq.num_cached` to the tokens whose K/V are already there."""
         # a prompt being scored computes every position, so it shares no cached block
-        shared = [] if seq.scores_prompt else self._match_prefix(seq.token_ids)
+        shared = [] if seq.scores_prompt else self._match_prefix(seq.token_ids, _chain_seed(seq))
         for block in shared:
             self.free.pop(block, None)
             self.ref_counts[block] += 1
@@ -61,7 +70,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = len(seq.prompt_ids) // self.block_size
-        for block, h in zip(seq.block_ids, self._chain_hashes(seq.prompt_ids, full)):
+        for block, h in zip(seq.block_ids, self._chain_hashes(seq.prompt_ids, full, _chain_seed(seq))):
             if h not in self.cached:
                 self.cached[h] = block
                 self.block_hash[block] = h
@@ -99,20 +108,20 @@ class BlockManager:
         self.ref_counts[block] = 1
         return block
 
-    def _chain_hashes(self, token_ids: list[int], num_blocks: int) -> list[int]:
-        hashes, h, bs = [], 0, self.block_size
+    def _chain_hashes(self, token_ids: list[int], num_blocks: int, seed: int) -> list[int]:
+        hashes, h, bs = [], seed, self.block_size
         for i in range(num_blocks):
             h = hash((h, tuple(token_ids[i * bs : (i + 1) * bs])))
             hashes.append(h)
         return hashes
 
-    def _match_prefix(self, token_ids: list[int]) -> list[int]:
+    def _match_prefix(self, token_ids: list[int], seed: int) -> list[int]:
         """Blocks holding the longest cached run of full blocks, leaving >= 1 token to compute."""
         if not self.enable_prefix_caching:
             return []
         usable = (len(token_ids) - 1) // self.block_size
         blocks = []
-        for h in self._chain_hashes(token_ids, usable):
+        for h in self._chain_hashes(token_ids, usable, seed):
             self.prefix_queries += 1
             block = self.cached.get(h)
             if block is None:

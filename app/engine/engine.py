@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.config import EngineConfig
+from app.config import EngineConfig, LoraConfig
 from app.engine.block_manager import BlockManager
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.errors import RequestRejected
 from app.engine.logprobs import Logprob, TokenLogprobs, TokenNames, token_logprobs
+from app.engine.lora.adapter import LoraAdapter
+from app.engine.lora.slots import LoraSlots
 from app.engine.model_runner import ModelRunner
 from app.engine.sampler import sample
 from app.engine.sampling_params import SamplingParams
@@ -89,17 +91,23 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, config: EngineConfig, runner=None):
+    def __init__(self, model, tokenizer, config: EngineConfig, runner=None, lora: LoraConfig | None = None):
         """`runner`: anything with ModelRunner's interface (e.g. a TensorParallelRunner); default: a
-        ModelRunner over `model`, which is otherwise read only for its config (eos ids)."""
+        ModelRunner over `model`, which is otherwise read only for its config (eos ids). `lora`: the
+        model's LoRA block; its adapter slots wrap `model`'s target Linear layers (docs/lora.md)."""
         self.config = config
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens,
-                                   config.tenant_weights, config.preempt_after_s)
         self.runner = runner or ModelRunner(model, config.num_kv_blocks, config.block_size)
+        self.loras = None
+        if lora is not None:
+            if not isinstance(self.runner, ModelRunner):  # the weights are in tensor-parallel workers
+                raise ValueError("lora is not supported with tensor parallelism")
+            self.loras = self.runner.lora = LoraSlots(model, lora.max_adapters_per_replica, lora.max_rank)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens,
+                                   config.tenant_weights, config.preempt_after_s, loras=self.loras)
         self.sequences: dict[str, Sequence] = {}
         self.model = model
         self.token_names = TokenNames(tokenizer)
@@ -112,10 +120,16 @@ class LLMEngine:
 
     # requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    priority: int = 0, tenant: str = "") -> None:
+                    priority: int = 0, tenant: str = "", lora: LoraAdapter | None = None) -> None:
         """Raises RequestRejected (naming the field) for a request this engine cannot serve.
-        `priority` (lower runs first) and `tenant` (whose share it uses) are for the scheduler."""
+        `priority` (lower runs first) and `tenant` (whose share it uses) are for the scheduler;
+        `lora`: the adapter it decodes with (None: the base model)."""
         params.check()
+        if lora is not None and self.loras is None:
+            raise RequestRejected(f"this model serves no LoRA adapters (asked for {lora.name!r})", "model")
+        if lora is not None and lora.rank > self.loras.max_rank:
+            raise RequestRejected(f"adapter {lora.name!r} has rank {lora.rank}, over max_rank {self.loras.max_rank}",
+                                  "model")
         total = len(prompt_ids) + params.max_tokens
         if not prompt_ids:
             raise RequestRejected("the prompt is empty", "prompt")
@@ -130,7 +144,7 @@ class LLMEngine:
             # tensor parallel: the weights, and so the scoring forward, are in the workers
             raise RequestRejected("prompt log-probs are not supported with tensor parallelism", "prompt_logprobs")
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
-        seq = Sequence(request_id, prompt_ids, params, detok, self.eos_ids, priority, tenant)
+        seq = Sequence(request_id, prompt_ids, params, detok, self.eos_ids, priority, tenant, lora)
         if params.guided is not None:  # compiled off this thread by the server (AsyncEngine); tests compile here
             seq.matcher = self._matcher(params.guided)
         self.sequences[request_id] = seq
@@ -164,6 +178,20 @@ class LLMEngine:
             **self.scheduler.load(),
             spec=self.spec_stats.snapshot() if self.spec_stats else None,
         )
+
+    def lora_stats(self) -> dict:
+        """Adapters of running and waiting sequences, the loaded ones (least recently used first), the
+        slot count, and loads and evictions so far. Safe to call from another thread."""
+        if self.loras is None:
+            return {"running": [], "waiting": [], "loaded": [], "max_lora": 0, "loads": 0, "evictions": 0}
+        stats = self.loras.stats()
+        return {"running": stats["running"], "waiting": sorted(dict(self.scheduler.lora_waiting)),
+                "loaded": stats["loaded"], "max_lora": stats["max_lora"], "loads": stats["loads"],
+                "evictions": stats["evictions"]}
+
+    def unload_lora(self, name: str) -> bool:
+        """Drop adapter `name` from its slot; False while a running sequence uses it (it stays). Any thread."""
+        return self.loras is None or self.loras.unload(name)
 
     # the step ---------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -42,6 +42,7 @@ import inspect
 import torch
 
 from app.engine.attention import PagedKVCache, query_tile, use_paged_attention
+from app.engine.lora.slots import LoraSlots
 from app.engine.sequence import Sequence
 
 # (block table, token ids, start, end): one sequence computing its positions [start, end)
@@ -56,6 +57,7 @@ class ModelRunner:
         self.cache = PagedKVCache(num_blocks, block_size, self.device)
         # transformers 5 renamed `past_key_values` to `cache`; models not yet migrated take the old name
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.lora: LoraSlots | None = None  # the engine's adapter slots, when it serves LoRA (app/engine/lora/)
         self._compile()
 
     @torch.inference_mode()
@@ -73,30 +75,41 @@ class ModelRunner:
 
     def prefill_span(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Compute `seq`'s tokens [start, end) over its cached [0, start); returns every one's logits."""
-        return self._run([(seq.block_ids, seq.token_ids[start:end], start, end)], logits_to_keep=0)
+        return self._run([(seq.block_ids, seq.token_ids[start:end], start, end)], logits_to_keep=0, seqs=[seq])
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each running sequence: [batch, vocab]."""
         return self._run([(seq.block_ids, [seq.last_token_id], seq.num_tokens - 1, seq.num_tokens) for seq in seqs],
-                         logits_to_keep=0)
+                         logits_to_keep=0, seqs=seqs)
 
     def verify(self, spans: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
         """Speculative decoding's scoring forward: each (sequence, draft) computes [last token, *draft]
         at its positions, K/V written for each; every position's logits [sum(len(draft) + 1), vocab], in
         order. An empty draft is a plain decode row."""
         return self._run([(seq.block_ids, [seq.last_token_id] + draft, seq.num_tokens - 1, seq.num_tokens + len(draft))
-                          for seq, draft in spans], logits_to_keep=0)
+                          for seq, draft in spans], logits_to_keep=0, seqs=[seq for seq, _ in spans])
 
     def forward(self, spans: list[tuple[Sequence, int, int]]) -> torch.Tensor:
         """Any mix of prefills, prefix-cached prefills and decodes in one forward: (sequence, start,
         end) computes its tokens [start, end) over its cached [0, start). Last-token logits [batch, vocab]."""
         packed = [(seq.block_ids, seq.token_ids[start:end], start, end) for seq, start, end in spans]
         last = torch.tensor([end - start for _, start, end in spans]).cumsum(0) - 1
-        return self._run(packed, logits_to_keep=last)
+        return self._run(packed, logits_to_keep=last, seqs=[seq for seq, _, _ in spans])
 
-    def _run(self, spans: list[Span], logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    def _run(self, spans: list[Span], logits_to_keep: int | torch.Tensor,
+             seqs: list[Sequence] | None = None) -> torch.Tensor:
         """One forward over the spans' tokens packed in one row. `logits_to_keep`: the packed
-        positions whose logits to return (0: all). Float32 logits [positions, vocab]."""
+        positions whose logits to return (0: all). `seqs`: the spans' sequences, whose LoRA slots
+        apply to their tokens. Float32 logits [positions, vocab]."""
+        if self.lora is None or seqs is None:
+            return self._forward(spans, logits_to_keep)
+        self.lora.plan([len(tokens) for _, tokens, _, _ in spans], [seq.lora_slot for seq in seqs])
+        try:
+            return self._forward(spans, logits_to_keep)
+        finally:
+            self.lora.done()
+
+    def _forward(self, spans: list[Span], logits_to_keep: int | torch.Tensor) -> torch.Tensor:
         input_ids = torch.tensor([token for _, tokens, _, _ in spans for token in tokens])
         positions = torch.cat([torch.arange(start, end) for _, _, start, end in spans])
         tile = query_tile(self.device, max(end - start for _, _, start, end in spans))

@@ -14,8 +14,12 @@ Who is admitted first (docs/qos.md):
   share of its class's slots has waited as long: the newest of the key most over its share goes,
   only while that key stays at or above its share, so two keys never trade a slot back and forth).
 
+LoRA (docs/lora.md): a sequence with an adapter is admitted only with its adapter's slot pinned
+(app/engine/lora/slots.py), until it leaves the batch. When every slot is pinned by other adapters it
+is passed over, waiting in the queue, and the sequences behind it go first.
+
 Other threads (the replica's event loop, the metrics poller) read only counters kept up to date
-here (`queue_full`, `load`), never the queues themselves."""
+here (`queue_full`, `load`, `lora_waiting`), never the queues themselves."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import time
 from collections import Counter
 
 from app.engine.block_manager import BlockManager
+from app.engine.lora.slots import LoraSlots
 from app.engine.sequence import Sequence, SequenceStatus
 from app.qos import CLASSES
 
@@ -37,7 +42,8 @@ def _queue_order(seq: Sequence) -> tuple[int, int]:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_prefill_tokens: int,
-                 weights: dict[str, float] | None = None, preempt_after_s: float = 0.05, clock=time.monotonic):
+                 weights: dict[str, float] | None = None, preempt_after_s: float = 0.05, clock=time.monotonic,
+                 loras: LoraSlots | None = None):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
@@ -54,6 +60,8 @@ class Scheduler:
         self.active_weight = 0.0  # the weights of the tenants in tenant_work, summed
         self.tenants_seen: set[str] = set()  # every tenant that ever sent work here (API keys: a bounded set)
         self.preemptions = dict.fromkeys(PREEMPTION_CAUSES, 0)
+        self.loras = loras
+        self.lora_waiting: Counter = Counter()  # waiting sequences by adapter name
         self._arrivals = itertools.count()
 
     @property
@@ -93,6 +101,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence, cause: str) -> None:
         self.running.remove(seq)
+        self._unpin(seq)
         self.blocks.deallocate(seq)
         self.preemptions[cause] += 1
         self._enqueue(seq)
@@ -102,6 +111,7 @@ class Scheduler:
         self.blocks.deallocate(seq)
         if seq in self.running:
             self.running.remove(seq)
+            self._unpin(seq)
         elif seq in self.queues[seq.rank].get(seq.tenant, ()):
             self._dequeue(seq)
         else:
@@ -142,9 +152,10 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         admitted, budget = [], self.max_prefill_tokens
         over_budget: set[str] = set()  # tenants whose next prompt does not fit this step's budget
+        no_slot: set[Sequence] = set()  # waiting for an adapter slot (every slot pinned by others)
         running = self._running_slots()
         while len(self.running) < self.max_num_seqs:
-            seq = self._next_waiting(running, over_budget)
+            seq = self._next_waiting(running, over_budget, no_slot)
             if seq is None or (admitted and admitted[0].scores_prompt):
                 break  # a prompt being scored prefills alone, in chunks (engine._prefill_scored)
             if admitted and (seq.num_tokens > budget or seq.scores_prompt):
@@ -152,6 +163,9 @@ class Scheduler:
                 continue
             if not self.blocks.can_allocate(seq.num_tokens):
                 break
+            if not self._pin(seq):
+                no_slot.add(seq)
+                continue
             self._dequeue(seq)
             self.blocks.allocate(seq)
             seq.status = SequenceStatus.RUNNING
@@ -164,13 +178,15 @@ class Scheduler:
     def _running_slots(self) -> Counter:
         return Counter((s.rank, s.tenant) for s in self.running)
 
-    def _next_waiting(self, running: Counter, skip: set[str]) -> Sequence | None:
+    def _next_waiting(self, running: Counter, skip: set[str], passed: set[Sequence] = frozenset()) -> Sequence | None:
         """The head of the best class's fairest tenant: fewest running slots per weight, then the older
-        head. None when that class has no tenant left outside `skip` (a worse class does not jump it)."""
+        head. None when that class has no tenant left outside `skip` (a worse class does not jump it).
+        A sequence in `passed` (no adapter slot for it this step) does not count as a head."""
         for rank, tenants in enumerate(self.queues):
             if not tenants:
                 continue
-            heads = [queue[0] for tenant, queue in tenants.items() if tenant not in skip]
+            heads = [head for tenant, queue in tenants.items()
+                     if tenant not in skip and (head := _first_not_in(queue, passed)) is not None]
             if not heads:
                 return None
             return min(heads, key=lambda s: (running[rank, s.tenant] / self.weight(s.tenant), s.priority, s.order))
@@ -182,6 +198,8 @@ class Scheduler:
         seq = self._next_waiting(running, set())
         if seq is None or self.clock() - seq.waiting_since < self.preempt_after_s:
             return
+        if seq.lora is not None and not self.loras.can_acquire(seq.lora):
+            return  # room would not admit it: it waits for a slot
         while not (len(self.running) < self.max_num_seqs and self.blocks.can_allocate(seq.num_tokens)):
             victim, cause = self._victim_for(seq, running)
             if victim is None:
@@ -218,6 +236,8 @@ class Scheduler:
         self.num_waiting += 1
         self.waiting_by_class[seq.rank] += 1
         self.tenant_waiting[seq.tenant] = self.tenant_waiting.get(seq.tenant, 0) + 1
+        if seq.lora is not None:
+            self.lora_waiting[seq.lora.name] += 1
 
     def _dequeue(self, seq: Sequence) -> None:
         tenants = self.queues[seq.rank]
@@ -227,6 +247,20 @@ class Scheduler:
         self.num_waiting -= 1
         self.waiting_by_class[seq.rank] -= 1
         _decrement(self.tenant_waiting, seq.tenant)
+        if seq.lora is not None:
+            _decrement(self.lora_waiting, seq.lora.name)
+
+    def _pin(self, seq: Sequence) -> bool:
+        """Its adapter's slot, pinned (installed first if need be); False when no slot can take it."""
+        if seq.lora is not None:
+            seq.lora_slot = self.loras.acquire(seq.lora)
+            return seq.lora_slot is not None
+        return True
+
+    def _unpin(self, seq: Sequence) -> None:
+        if seq.lora_slot is not None:
+            self.loras.release(seq.lora_slot)
+            seq.lora_slot = None
 
     def _count_work(self, tenant: str, change: int) -> None:
         before = self.tenant_work.get(tenant, 0)
@@ -236,6 +270,10 @@ class Scheduler:
         if before + change == 0:
             del self.tenant_work[tenant]
             self.active_weight -= self.weight(tenant)
+
+
+def _first_not_in(queue: list[Sequence], passed: set[Sequence]) -> Sequence | None:
+    return queue[0] if not passed else next((s for s in queue if s not in passed), None)
 
 
 def _decrement(counts: dict[str, int], key: str) -> None:

@@ -9,6 +9,7 @@ from enum import Enum, auto
 import torch
 
 from app.engine.detokenizer import IncrementalDetokenizer
+from app.engine.lora.adapter import LoraAdapter
 from app.engine.sampling_params import SamplingParams
 from app.qos import class_rank
 
@@ -52,6 +53,7 @@ class Sequence:
         eos_ids: frozenset[int],
         priority: int = 0,
         tenant: str = "",
+        lora: LoraAdapter | None = None,
     ):
         self.request_id = request_id
         self.priority = priority  # lower runs first (vLLM's convention)
@@ -72,6 +74,8 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.matcher = None  # GuidedMatcher (app/engine/guided.py) when params.guided is set
         self.prompt_logprobs = None  # computed by its first prefill when params.prompt_logprobs is set
+        self.lora = lora  # the LoRA adapter it decodes with (None: the base model)
+        self.lora_slot: int | None = None  # the adapter's slot, pinned while it runs (scheduler.py)
 
     @property
     def token_ids(self) -> list[int]:
