@@ -34,6 +34,7 @@ SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # tests/pg_server.py starts a real PostgreSQL server (Debian's package) for the store's tests
 POSTGRES   := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 
+# --durations: the slowest tests in CI's log, to keep the suite's time in view
 test: $(STAMP)
 ifeq ($(PROMETHEUS),)
 	$(SUDO) apt-get update -qq
@@ -43,8 +44,8 @@ ifeq ($(POSTGRES),)
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends postgresql
 endif
-	$(PY) -m pytest -q tests $(ISOLATED:%=--ignore=%)
-	$(foreach t,$(ISOLATED),$(PY) -m pytest -q $(t) &&) true
+	$(PY) -m pytest -q --durations=40 tests $(ISOLATED:%=--ignore=%)
+	$(foreach t,$(ISOLATED),$(PY) -m pytest -q --durations=5 $(t) &&) true
 
 clean:
 	rm -rf $(VENV) .cache
