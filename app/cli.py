@@ -60,7 +60,38 @@ def validate(config: Path = typer.Argument(Path("serve_config.yaml"), exists=Tru
     except (ConfigError, ValueError) as e:
         typer.echo(f"{config}: {e}", err=True)
         raise typer.Exit(1) from None
+    problems = _draft_tokenizer_problems(apps)
+    for problem in problems:
+        typer.echo(f"{config}: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
     typer.echo(f"{config}: ok ({len(apps)} application(s))")
+
+
+def _draft_tokenizer_problems(apps: list[dict]) -> list[str]:
+    """Each draft model (engine.speculative.draft_model) whose tokenizer cannot draft for its target's:
+    its token ids would mean other tokens, so nearly every draft would be rejected. Only local
+    directories are read (validate fetches nothing); the check that Ray-free code can run is
+    app/engine/spec/draft.py's `tokenizers_match`."""
+    from transformers import AutoTokenizer
+
+    from app.engine.spec.draft import tokenizers_match
+
+    problems = []
+    for index, app in enumerate(apps):
+        if not app.get("import_path", "").startswith("app.build:"):
+            continue
+        for number, model in enumerate(parse_app_config(app.get("args") or {}).models):
+            spec = model.engine.speculative
+            if spec is None or spec.method != "draft_model":
+                continue
+            target, draft = Path(model.resolved_source), Path(spec.draft_model)
+            if not (target.is_dir() and draft.is_dir()):
+                continue
+            why = tokenizers_match(AutoTokenizer.from_pretrained(target), AutoTokenizer.from_pretrained(draft))
+            if why is not None:
+                problems.append(f"applications[{index}].args.models[{number}].engine.speculative.draft_model: {why}")
+    return problems
 
 
 @cli.command()
