@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import ray
 from ray import serve
 
-from app.api.errors import ConduitError, unavailable
+from app.api.errors import ConduitError, model_not_found, unavailable
 from app.api.protocol import PreparedRequest
 from app.api.stream_mux import ChannelOpen, ChannelWanted, Outboxes, Route, pump
 from app.config import ModelConfig
@@ -22,8 +22,10 @@ from app.engine.async_engine import AsyncEngine, EngineDeadError
 from app.engine.engine import LLMEngine, RequestOutput
 from app.engine.errors import RequestRejected
 from app.engine.guided import CompilerBusy
+from app.engine.lora import LoraAdapter
 from app.loading import load_replica_model, load_tokenizer, pick_device, resolved_engine_config
 from app.metrics import LoadProgress, ModelMetrics
+from deployments.lora_cache import AdapterCache, display_name
 
 log = logging.getLogger("ray.serve")
 STALL_LIMIT_S = 60.0  # a step that takes longer than this means the engine is stuck
@@ -55,9 +57,11 @@ class Model:
         model, runner = load_replica_model(config.model_copy(update={"engine": engine_config}), device)
         progress.stage("engine")  # the KV cache is allocated here
         self.config = engine_config
-        self.engine = AsyncEngine(LLMEngine(model, tokenizer, engine_config, runner=runner))
+        self.engine = AsyncEngine(LLMEngine(model, tokenizer, engine_config, runner=runner, lora=config.lora))
+        self.adapters = AdapterCache(config.lora, model) if config.lora else None  # LoRA adapters, read on first use
         self.metrics = ModelMetrics(config.name, replica, engine_config.block_size)
-        self.metrics.poll(self.engine.engine.stats)  # engine gauges, once a second
+        self.metrics.poll(self.engine.engine.stats,  # engine gauges, once a second
+                          self.engine.engine.lora_stats if config.lora else None)
         self.outboxes = Outboxes(replica)  # the ingress replicas' stream channels to this one
         progress.finished()
         log.info("model %s ready: %s", config.name, engine_config.model_dump())
@@ -65,14 +69,15 @@ class Model:
     async def generate(self, request: PreparedRequest, route: Route | None = None) -> AsyncIterator:
         if (full := self.engine.engine.queue_full(request.tenant)) is not None:  # the key's share, then the replica's
             raise unavailable(full, "server_overloaded")
+        lora = await self._adapter(request)
         outbox = self.outboxes.get(route.ingress) if route else None
         if outbox is not None:  # its deltas go with the ingress's other streams', each engine step
             self.outboxes.carried += 1
-            await pump(outbox, route.key, self._deltas(request, 0.0, None))
+            await pump(outbox, route.key, self._deltas(request, lora, 0.0, None))
             return
         if route is not None:
             yield ChannelWanted(self.outboxes.replica)
-        deltas = self._deltas(request, self.config.stream_interval_s, self.config.max_stream_messages_per_s)
+        deltas = self._deltas(request, lora, self.config.stream_interval_s, self.config.max_stream_messages_per_s)
         try:
             async for out in deltas:
                 yield out
@@ -84,11 +89,29 @@ class Model:
         async for item in self.outboxes.serve(request):
             yield item
 
-    async def _deltas(self, request: PreparedRequest, interval_s: float,
+    async def _adapter(self, request: PreparedRequest) -> LoraAdapter | None:
+        """The request's LoRA adapter (read from its files on first use), or None for the base model."""
+        if request.lora is None:
+            return None
+        if self.adapters is None:
+            raise model_not_found(display_name(request.lora))
+        return await self.adapters.get(request.lora, request.lora_path)
+
+    async def load_lora(self, key: str, path: str) -> None:
+        """Reads and checks adapter `key` now (POST /v1/load_lora_adapter), so that a bad one is refused
+        there; it stays cached here like one read on first use."""
+        await self._adapter(PreparedRequest("load_lora", "", [], lora=key, lora_path=path))
+
+    async def lora_stats(self) -> dict:
+        """This replica's adapters: the engine's slots and counts, and requests served per adapter key."""
+        return {"replica": self.outboxes.replica, **self.engine.engine.lora_stats(),
+                "requests": dict(self.adapters.requests) if self.adapters else {}}
+
+    async def _deltas(self, request: PreparedRequest, lora: LoraAdapter | None, interval_s: float,
                       max_messages_per_s: float | None) -> AsyncIterator[RequestOutput]:
         """The request's deltas; the engine's errors as the API's (RequestRejected -> 400, ...)."""
         deltas = self.engine.generate(request.request_id, request.prompt_ids, request.sampling,
-                                      interval_s, max_messages_per_s, request.priority, request.tenant)
+                                      interval_s, max_messages_per_s, request.priority, request.tenant, lora=lora)
         tracked = self.metrics.track(request.request_id, deltas)
         try:
             async for out in tracked:

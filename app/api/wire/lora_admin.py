@@ -28,12 +28,12 @@ class UnloadLoraAdapter(BaseModel):
 def routes(pipeline: Pipeline, config: AppConfig):
     router = APIRouter()
 
-    @router.post("/v1/load_lora_adapter")
+    @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)  # vLLM answers in plain text
     async def load_lora_adapter(body: LoadLoraAdapter):
         await pipeline.load_lora(body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @router.post("/v1/unload_lora_adapter")
+    @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
     async def unload_lora_adapter(body: UnloadLoraAdapter):
         await pipeline.unload_lora(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
