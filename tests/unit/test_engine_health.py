@@ -16,7 +16,7 @@ class StubEngine:
     def __init__(self, fail: bool):
         self.fail, self.waiting, self.release = fail, [], threading.Event()
 
-    def add_request(self, request_id, prompt_ids, params, priority=0, tenant=""):
+    def add_request(self, request_id, prompt_ids, params, priority=0, tenant="", lora=None):
         self.waiting.append(request_id)
 
     def abort_request(self, request_id):

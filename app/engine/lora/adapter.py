@@ -63,12 +63,13 @@ def load_adapter(name: str, path: str, model, max_rank: int) -> LoraAdapter:
     """Raises LoraError naming what is wrong (see LoraError for the kinds)."""
     local = _local_dir(name, path)
     config = _read_config(name, local)
-    try:
-        from peft.utils import load_peft_weights
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_peft_weights
 
+    if not any(os.path.isfile(os.path.join(local, f)) for f in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        # checked here: peft would take a directory without them for a Hub repository id
+        raise LoraError(f"adapter {name!r}: no adapter weights in {path}", kind="not_found")
+    try:
         state = load_peft_weights(local, device="cpu")
-    except FileNotFoundError:
-        raise LoraError(f"adapter {name!r}: no adapter weights in {path}", kind="not_found") from None
     except Exception as e:
         raise LoraError(f"adapter {name!r}: its weights cannot be read: {e}") from None
     modules = _modules(name, state, config, model, max_rank)
@@ -108,6 +109,10 @@ def _read_config(name: str, local: str):
         raise LoraError(f"adapter {name!r}: adapter_config.json cannot be read: {e}") from None
     if not isinstance(config, peft.LoraConfig):
         raise LoraError(f"adapter {name!r} is a {config.peft_type} adapter, not LoRA")
+    # peft reads the JSON without checking types: a wrong one surfaces here, not mid-forward
+    for key, value in (("r", config.r), ("lora_alpha", config.lora_alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise LoraError(f"adapter {name!r}: adapter_config.json has {key} = {value!r}, not a positive number")
     unsupported = {
         "use_dora": config.use_dora, "bias": config.bias != "none", "lora_bias": getattr(config, "lora_bias", False),
         "modules_to_save": bool(config.modules_to_save), "alpha_pattern": bool(config.alpha_pattern),
