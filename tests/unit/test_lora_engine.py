@@ -159,3 +159,22 @@ def test_speculative_decoding_verifies_through_the_adapter(model_path, hf_model,
     for i, (p, name) in enumerate(zip(ps, names)):
         assert outputs[str(i)] == references(name, p, 16), f"request {i} ({name}) diverged"
     assert engine.stats().spec.num_draft_tokens > 0
+
+
+def test_prompt_logprobs_score_through_the_adapter(model_path, hf_model, base, adapter_dirs):
+    import torch
+
+    from app.engine.sampling_params import SamplingParams
+
+    engine = lora_engine(model_path)
+    adapters = load_all(engine, adapter_dirs)
+    prompt = prompts(hf_model[1], 1, seed=10)[0]
+    engine.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+                       lora=adapters["all8rs"])
+    scored = [step for step in engine.step() if step.request_id == "p"][0].prompt_logprobs
+    run_all(engine)
+    with torch.inference_mode():
+        logits = merged(base, adapter_dirs["all8rs"])(torch.tensor([prompt])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    got = torch.tensor([lp.chosen.logprob for lp in scored[1:]])
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
