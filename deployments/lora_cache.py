@@ -33,17 +33,15 @@ class AdapterCache:
 
         # built per replica: the size is this model's, and the decorator keeps its cache on the function
         self._cached = serve.multiplexed(max_num_models_per_replica=config.max_adapters_per_replica)(read_adapter)
-        self.requests: Counter[str] = Counter()  # requests per adapter key on this replica
+        self.requests: Counter[str] = Counter()  # requests served per adapter key on this replica
 
     async def get(self, key: str, path: str) -> LoraAdapter:
         """The adapter `key` (its files at `path`), read now unless cached; its errors as the API's."""
         _path.set(path)
         try:
-            adapter = await self._cached(key)
+            return await self._cached(key)
         except LoraError as e:
             raise api_error(key, e) from None
-        self.requests[key] += 1
-        return adapter
 
 
 def display_name(key: str) -> str:

@@ -95,12 +95,16 @@ class Model:
             return None
         if self.adapters is None:
             raise model_not_found(display_name(request.lora))
-        return await self.adapters.get(request.lora, request.lora_path)
+        adapter = await self.adapters.get(request.lora, request.lora_path)
+        self.adapters.requests[request.lora] += 1
+        return adapter
 
     async def load_lora(self, key: str, path: str) -> None:
         """Reads and checks adapter `key` now (POST /v1/load_lora_adapter), so that a bad one is refused
         there; it stays cached here like one read on first use."""
-        await self._adapter(PreparedRequest("load_lora", "", [], lora=key, lora_path=path))
+        if self.adapters is None:
+            raise model_not_found(display_name(key))
+        await self.adapters.get(key, path)
 
     async def lora_stats(self) -> dict:
         """This replica's adapters: the engine's slots and counts, and requests served per adapter key."""

@@ -27,6 +27,9 @@ def app_args(model_path: str) -> dict:
                 "source": model_path,
                 "aliases": ["demo"],
                 "engine": {"max_num_seqs": 16, "max_model_len": 512, "stream_interval_s": 0.005},
+                # LoRA slots, no adapter: the base model's outputs are unchanged and the LoRA metrics and
+                # routes are live (tests/e2e/test_lora.py serves real adapters in an app of its own)
+                "lora": {"max_adapters_per_replica": 2},
             },
             {   # a second model (same weights, smaller window): the router must keep them apart
                 "name": SECOND_MODEL,

@@ -95,6 +95,8 @@ def test_every_route_survives_fuzzing(server, subtests):
     assert len(responses_api) == 5, responses_api  # create, retrieve, delete, cancel, input items
     files_and_batches = {op.label for op in operations if op.path.startswith(("/v1/files", "/v1/batches"))}
     assert len(files_and_batches) == 9, files_and_batches  # files: 5 routes, batches: create, list, retrieve, cancel
+    lora = {op.label for op in operations if op.path.endswith("_lora_adapter")}
+    assert len(lora) == 2, lora  # vLLM's load and unload
     for operation in operations:
         with subtests.test(msg=operation.label):
             fuzz(operation)
