@@ -25,6 +25,8 @@ RANK_ALIGN = 8  # grouped GEMM kernels want 16-byte aligned strides: ranks padde
 
 class LoraSlots:
     def __init__(self, model: torch.nn.Module, num_slots: int, max_rank: int):
+        import peft  # noqa: F401  (seconds to import: paid at start, not by the first adapter's request)
+
         self.model = model
         self.num_slots = num_slots
         self.max_rank = max_rank
