@@ -176,10 +176,18 @@ class PagedKVCache:
         size means a new compilation, so it must be rare."""
         self._rows = 1 << (rows - 1).bit_length()
         self._width = 1 << (width - 1).bit_length()
-        device, n = self.device, self.num_blocks
+        # the views _mask takes span the pool past the last row: room for the largest pool this serves,
+        # so that no buffer's size depends on the pool's (engines of different sizes share compilations)
+        device, span = self.device, len(self._logical_device)
         self._qpos = torch.full((self._rows,), -1, dtype=torch.long, device=device)
-        self._tables = torch.zeros(self._rows * self._width + n, dtype=torch.int32, device=device)
-        self._partial = torch.zeros(self._rows * self._reach(MAX_TILE) + n, dtype=torch.int32, device=device)
+        self._tables = torch.zeros(self._rows * self._width + span, dtype=torch.int32, device=device)
+        self._partial = torch.zeros(self._rows * self._reach(MAX_TILE) + span, dtype=torch.int32, device=device)
+        # Static sizes: a grown buffer then compiles as a new static shape. Left to dynamo's automatic
+        # dynamic shapes, it would add size symbols (ks10, ks11, ...) that torch 2.13's CPU
+        # FlexAttention template corrupts (its textual replace of "ks1" also rewrites "ks10": a C++
+        # compile error, first seen as a 32-prompt prefill burst outgrowing the 4096 rows).
+        for buffer in (self._qpos, self._tables, self._partial, self._logical_device):
+            torch._dynamo.mark_static(buffer)
         qpos, logical, bs = self._qpos, self._logical_device, self.block_size
 
         def mask_mod(b, h, q, kv):  # evaluated on partial blocks only

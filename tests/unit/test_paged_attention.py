@@ -117,3 +117,22 @@ def test_many_lengths_in_one_batch_equal_generate(hf_model, reference_greedy):
         outputs.setdefault(rid, []).extend(toks)
     for i, p in enumerate(ps):
         assert outputs[str(i)] == reference_greedy(p, 12), f"request {i} ({len(p)} tokens) diverged"
+
+
+@torch.inference_mode()
+def test_a_prefill_burst_that_outgrows_the_mask_buffers(hf_model):
+    """32 prompts of ~150 tokens in one forward: more query rows than the mask's first buffers hold
+    (4096), so they grow and the kernel compiles for the new size. Under automatic dynamic shapes that
+    compile failed in Inductor's C++ codegen (the replica's engine died); each prompt's logits must
+    equal the model's alone."""
+    model, tokenizer = hf_model
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(150)) for i in range(32)]
+    prompts = [tokenizer.encode(text)[:150] for text in texts]
+    block = 16
+    runner = ModelRunner(model, num_blocks=32 * 10, block_size=block)
+    seqs = [sequence(tokens, list(range(i * 10, i * 10 + -(-len(tokens) // block)))) for i, tokens in enumerate(prompts)]
+    assert sum(-(-len(tokens) // 16) * 16 for tokens in prompts) > 4096  # the padded query rows outgrow 4096
+    logits = runner.forward([(seq, 0, seq.num_tokens) for seq in seqs])
+    for i in (0, 13, 31):
+        torch.testing.assert_close(logits[i], full_logits(model, prompts[i])[-1], atol=1e-4, rtol=1e-4)
