@@ -31,7 +31,8 @@ def replica_gauges(exposition: str) -> dict[tuple[str, str], dict[str, float]]:
     for family in text_string_to_metric_families(exposition):
         key = REPLICA_GAUGES.get(family.name.removesuffix("_total"))  # a counter's family may keep its _total
         for sample in family.samples if key else ():
-            if sample.name.endswith("_created"):
+            # a counter that never counted is republished without labels: no replica's reading
+            if sample.name.endswith("_created") or not {"model_name", "engine"} <= sample.labels.keys():
                 continue
             replicas[(sample.labels["model_name"], sample.labels["engine"])][key] = sample.value
     return dict(replicas)

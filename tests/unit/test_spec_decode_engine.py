@@ -177,6 +177,7 @@ def test_counters_become_vllm_metric_increments_and_status_shows_acceptance(monk
     exposition = "".join(f"# TYPE {n} counter\n{n}_total{{{labels}}} {v}\n" for n, v in (
         ("vllm:spec_decode_num_drafts", 3), ("vllm:spec_decode_num_draft_tokens", 10),
         ("vllm:spec_decode_num_accepted_tokens", 5)))
+    exposition += "# TYPE vllm:spec_decode_num_drafts counter\nvllm:spec_decode_num_drafts_total 0\n"  # never counted
     gauges = status.replica_gauges(exposition)[("demo", "r1")]
     assert status._acceptance(gauges) == "50% (2.67 tok/draft)"
     console = Console(record=True, width=200)
