@@ -15,8 +15,18 @@ from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import ConduitError, invalid, unavailable
-from app.auth import (KeyStore, check_exposure, describe, loopback_host, missing_or_wrong, open_paths,
-                      presented_key, probe_paths, proxy_host, unmatched_policies)
+from app.auth import (
+    KeyStore,
+    check_exposure,
+    describe,
+    loopback_host,
+    missing_or_wrong,
+    open_paths,
+    presented_key,
+    probe_paths,
+    proxy_host,
+    unmatched_policies,
+)
 from app.config import AppConfig
 from app.limits import Budget, Call, RateLimiter, counter_actor, current_call
 from app.qos import PRIORITY_HEADER
