@@ -140,4 +140,4 @@ def build_engine(config: ModelConfig, device: str):
 
     config = config.model_copy(update={"engine": resolved_engine_config(config)})
     model, runner = load_replica_model(config, device)
-    return LLMEngine(model, load_tokenizer(config), config.engine, runner=runner)
+    return LLMEngine(model, load_tokenizer(config), config.engine, runner=runner, lora=config.lora)

@@ -6,17 +6,19 @@ for ids and timestamps. Refusals are `ConduitError`s, rendered as the route rend
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from app.api.errors import ConduitError, model_not_found
+from app.api.errors import ConduitError
 from app.api.protocol import GenerateRequest
 from app.api.server import validation_error
 from app.api.wire.openai import ChatCompletionRequest, CompletionRequest, ResponseBuilder, error_body
 from app.batch.lines import BatchLine, response_line
 from app.engine.engine import RequestOutput
+from deployments.adapters import Target
 
 BODY_MODELS = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
 ID_PREFIX = {"chat": "chatcmpl-", "completion": "cmpl-"}
@@ -30,23 +32,24 @@ class LineRequest:
     request_id: str
     body: ChatCompletionRequest | CompletionRequest
     req: GenerateRequest
+    target: Target  # the model (and LoRA adapter) it runs on
 
 
-def to_request(line: BatchLine, model_ids: set[str], model_name: str) -> LineRequest:
+def to_request(line: BatchLine, target: Callable[[str], Target]) -> LineRequest:
     """Validate `line`'s body as its route does (ConduitError naming the field when it would not).
-    `model_ids`: the ids this job serves (the model's name and aliases), resolved to `model_name`."""
+    `target`: what a model id runs on in this job (its model, or one of its LoRA adapters; a 404
+    ConduitError for any other id)."""
     try:
         body = BODY_MODELS[line.kind].model_validate(line.body)
     except ValidationError as e:
         raise validation_error(RequestValidationError(e.errors())) from None
     if body.stream:
         raise ConduitError("stream is not supported in a batch: each line gets one whole response", param="stream")
-    if body.model not in model_ids:
-        raise model_not_found(body.model)
+    runs_on = target(body.model)
     request_id = uuid.uuid4().hex
     req = body.to_internal(request_id)
-    req.model = model_name
-    return LineRequest(line, request_id, body, req)
+    req.model = runs_on.model
+    return LineRequest(line, request_id, body, req, runs_on)
 
 
 def answer_line(request: LineRequest, outs: list[RequestOutput], echo: str | None) -> str:

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from app.api.errors import ConduitError
 from app.api.input_limits import cap_max_tokens, check_generate
@@ -19,6 +20,10 @@ from app.batch.requests import LineRequest, answer_line, refusal_line, to_reques
 from app.config import IngressConfig, ModelConfig
 from app.engine.engine import RequestOutput
 from app.engine.errors import RequestRejected
+from app.engine.lora import LoraAdapter, LoraError, load_adapter
+
+if TYPE_CHECKING:
+    from deployments.adapters import Target
 
 FLUSH_LINES = 32  # finished lines handed back to Ray Data at once (or after FLUSH_S)
 FLUSH_S = 1.0
@@ -46,13 +51,18 @@ class BatchWorker:
         import torch
 
         from app.loading import build_engine, pick_device, resolved_engine_config
+        from deployments.adapters import LoraTable
+        from deployments.router import ModelTable
         from deployments.tokenizer import Tokenizer
 
         engine_config = resolved_engine_config(model)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(engine_config.num_threads or max(1, int(cpus)))  # as the Model deployment does
         self.model, self.ingress, self.limits = model, ingress, ingress.input_limits
-        self.model_ids = {model.name, *model.aliases}
+        # the online routes' model ids: the model's name and aliases, and its LoRA adapters if it has any
+        lora = LoraTable({model.name: model.lora}) if model.lora else None
+        self.models = ModelTable({model.name: model.aliases}, {}, lora)
+        self.adapters: dict[str, LoraAdapter] = {}  # read on first use, as a replica's cache does
         # the deployment's class itself, outside Serve: the online route's prompt rendering and checks
         self.tokenizer = Tokenizer.func_or_class([model])
         self.loop = asyncio.new_event_loop()  # its `prepare` is a coroutine (it never waits on anything)
@@ -91,10 +101,11 @@ class BatchWorker:
             if len(text.encode()) > self.ingress.max_request_bytes:  # the route's 413
                 raise ConduitError(f"Request body exceeds the limit of {self.ingress.max_request_bytes} bytes", 413,
                                    code="request_too_large")
-            request = to_request(parsed, self.model_ids, self.model.name)
+            request = to_request(parsed, lambda model: self.loop.run_until_complete(self.models.target(model)))
             choices, echo = self._prepare(request)
+            lora = self._adapter(request.target)
             for prepared in choices:  # a refusal here leaves none of them in the engine
-                self._add(prepared, [p.request_id for p in choices])
+                self._add(prepared, [p.request_id for p in choices], lora)
         except Exception as e:  # one line's failure is its own: the route's 4xx, or a 500 as online
             err = e if isinstance(e, ConduitError) else ConduitError(f"Preparing the request failed: {e}", 500,
                                                                      "server_error")
@@ -120,9 +131,23 @@ class BatchWorker:
                         sampling=replace(prepared.sampling, seed=None if seed is None else seed + i))
                 for i in range(req.n)], echo
 
-    def _add(self, prepared: PreparedRequest, siblings: list[str]) -> None:
+    def _adapter(self, target: Target) -> LoraAdapter | None:
+        """The LoRA adapter `target` names, read once per job worker; its errors as the route's."""
+        if target.lora is None:
+            return None
+        if target.lora not in self.adapters:
+            from deployments.lora_cache import api_error  # a replica's own mapping of adapter errors
+
+            try:
+                self.adapters[target.lora] = load_adapter(target.lora, target.lora_path, self.engine.model,
+                                                          self.model.lora.max_rank)
+            except LoraError as e:
+                raise api_error(target.lora, e) from None
+        return self.adapters[target.lora]
+
+    def _add(self, prepared: PreparedRequest, siblings: list[str], lora: LoraAdapter | None) -> None:
         try:
-            self.engine.add_request(prepared.request_id, prepared.prompt_ids, prepared.sampling)
+            self.engine.add_request(prepared.request_id, prepared.prompt_ids, prepared.sampling, lora=lora)
         except RequestRejected as e:  # e.g. it can never fit in the KV cache: a 400, as online
             for sequence_id in siblings:
                 self.engine.abort_request(sequence_id)

@@ -190,3 +190,35 @@ def assert_bad_lines(by_id: dict) -> None:
         else:
             assert line["response"] is None and line["error"]["code"] == expected, line
     assert by_id["too-long"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
+
+
+def test_lines_name_lora_adapters(tmp_path, model_path, hf_model):
+    """A line may name one of the model's LoRA adapters by either id, as the online routes take it;
+    its answer equals peft's merged model, and an adapter the model lacks is the route's 404."""
+    from tests.unit.lora_adapters import ADAPTERS, fresh_model, greedy_generate, make_adapter, merged
+
+    base = fresh_model(model_path)
+    adapter = make_adapter(base, tmp_path / "qv4", 0, **ADAPTERS["qv4"])
+    config = batch_config(tmp_path, model_path, {"num_cpus": 1}, replicas=1)
+    raw = yaml.safe_load(config.read_text())
+    raw["applications"][0]["args"]["models"][0]["lora"] = {"adapters": {"qv4": str(adapter)}, "max_rank": 8}
+    config.write_text(yaml.safe_dump(raw))
+    prompt = "def add(a, b):"
+    models = {"bare": "qv4", "based": f"{MODEL}:qv4", "base": MODEL, "missing": f"{MODEL}:nope"}
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": key, "method": "POST", "url": "/v1/completions", "body": {
+        "model": model, "prompt": prompt, "max_tokens": TOKENS, "temperature": 0, "min_tokens": TOKENS}}) + "\n"
+        for key, model in models.items()))
+    run_batch(config, source, output)
+    by_id = outputs(output)
+    _, tokenizer = hf_model
+    ids = tokenizer.encode(prompt)
+    tuned = tokenizer.decode(greedy_generate(merged(base, adapter), ids, TOKENS), skip_special_tokens=True)
+    plain = tokenizer.decode(greedy_generate(base, ids, TOKENS), skip_special_tokens=True)
+    assert tuned != plain  # the adapter changes the answer: the equality below is no base-model echo
+    for key, expected in (("bare", tuned), ("based", tuned), ("base", plain)):
+        response = by_id[key]["response"]
+        assert response["status_code"] == 200, by_id[key]
+        assert response["body"]["choices"][0]["text"] == expected and response["body"]["model"] == models[key], key
+    assert by_id["missing"]["response"]["status_code"] == 404
+    assert by_id["missing"]["response"]["body"]["error"]["code"] == "model_not_found"

@@ -2,6 +2,7 @@
 output lines in OpenAI's batch output format (bodies exactly the routes'), resume (what an output
 answers, a torn last line), the JSONL and Parquet readers, and the config target."""
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -18,9 +19,16 @@ from app.batch.source import JsonLines, decode, parquet_to_lines, split_lines
 from app.batch.target import find_target
 from app.config import PROJECT_ROOT
 from app.engine.engine import RequestOutput
+from deployments.router import ModelTable
 from tests.openapi_contract import validate
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def targets(ids: set[str], name: str):
+    """What the job's worker gives `to_request`: the online routes' model table, resolving synchronously."""
+    table = ModelTable({name: sorted(ids - {name})}, {})
+    return lambda model: asyncio.run(table.target(model))
 
 
 def line(custom_id="a", url="/v1/chat/completions", body=None, **extra) -> str:
@@ -73,7 +81,7 @@ def test_error_lines_in_openai_batch_output_format():
 
 # bodies: the route's models, the route's answers -----------------------------------------------
 def test_an_answer_is_the_chat_routes_response_body():
-    request = to_request(BatchLine("a", "/v1/chat/completions", {**CHAT, "n": 2}), {"m", "alias"}, "model-name")
+    request = to_request(BatchLine("a", "/v1/chat/completions", {**CHAT, "n": 2}), targets({"m", "alias"}, "model-name"))
     assert request.req.model == "model-name" and request.req.n == 2
     outs = [RequestOutput("r", [1, 2], "hello", True, "length", num_prompt_tokens=5, num_output_tokens=2),
             RequestOutput("r", [3], "x", True, "stop", num_prompt_tokens=5, num_output_tokens=1)]
@@ -89,7 +97,7 @@ def test_an_answer_is_the_chat_routes_response_body():
 
 
 def test_completions_answer_with_echo():
-    request = to_request(BatchLine("c", "/v1/completions", {"model": "m", "prompt": "Once", "echo": True}), {"m"}, "m")
+    request = to_request(BatchLine("c", "/v1/completions", {"model": "m", "prompt": "Once", "echo": True}), targets({"m"}, "m"))
     out = json.loads(answer_line(request, [RequestOutput("r", [9], " upon", True, "length", num_prompt_tokens=1,
                                                          num_output_tokens=1)], "Once"))
     body = out["response"]["body"]
@@ -107,7 +115,7 @@ def test_completions_answer_with_echo():
 ])
 def test_bodies_the_route_refuses_get_its_error(body, status, param):
     with pytest.raises(ConduitError) as refused:
-        to_request(BatchLine("a", "/v1/chat/completions", body), {"m"}, "m")
+        to_request(BatchLine("a", "/v1/chat/completions", body), targets({"m"}, "m"))
     err = refused.value
     assert (err.status, err.param) == (status, param)
     out = json.loads(refusal_line("a", err, "rid"))
