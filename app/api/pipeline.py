@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from app import access_log
-from app.api.errors import invalid
+from app.api.errors import ConduitError, invalid
 from app.api.faults import bounded, bounded_iter
 from app.api.input_limits import cap_max_tokens, check_embedding_inputs, check_generate
 from app.api.protocol import GenerateRequest, PreparedRequest
@@ -44,6 +44,15 @@ class Pipeline:
 
     def resolve_any(self, model: str) -> str:
         return self.embedders.resolve(model) if model in self.embedders.ids else self.models.resolve(model)
+
+    async def names_adapter(self, model: str) -> bool:
+        """Whether `model` names a LoRA adapter of a served model (Azure takes one as a deployment)."""
+        if model in self.embedders.ids:
+            return False
+        try:
+            return (await self.models.target(model)).lora is not None
+        except ConduitError:
+            return False
 
     async def _generative(self, model: str) -> Target:
         """The base model (and LoRA adapter) a generative request names: this is where every wire

@@ -161,6 +161,27 @@ def test_both_id_forms_on_chat_completions_and_anthropic(app):
     assert texts[name][0] != texts[MODEL][0] and texts[name][1] != texts[MODEL][1]
 
 
+def test_an_adapter_is_an_azure_deployment(app):
+    """Azure's deployment routes take either id of an adapter, answer as OpenAI's route does for it, and
+    keep DeploymentNotFound for names that can be neither a model nor an adapter."""
+    name = NAMES[2]
+    chat = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 12, "temperature": 0}
+    openai = httpx.post(f"{app}/v1/chat/completions", timeout=60, json={"model": name, **chat})
+    assert openai.status_code == 200, openai.text
+    for deployment in (name, f"{MODEL}:{name}"):
+        azure = httpx.post(f"{app}/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21",
+                           timeout=60, json=chat)
+        assert azure.status_code == 200, azure.text
+        assert azure.json()["choices"][0]["message"] == openai.json()["choices"][0]["message"]
+    # a well-formed name may be a directory under dynamic_path: the replica looks, and finds none
+    missing = httpx.post(f"{app}/openai/deployments/no-such-adapter/chat/completions?api-version=2024-10-21",
+                         timeout=30, json=chat)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found", missing.text
+    neither = httpx.post(f"{app}/openai/deployments/-neither/chat/completions?api-version=2024-10-21",
+                         timeout=30, json=chat)
+    assert neither.status_code == 404 and neither.json()["error"]["code"] == "DeploymentNotFound", neither.text
+
+
 def test_models_lists_adapters_with_their_parent(app):
     cards = {c["id"]: c for c in httpx.get(f"{app}/v1/models").json()["data"]}
     assert cards[MODEL]["parent"] is None

@@ -1,7 +1,8 @@
 """Azure OpenAI wire format: OpenAI's bodies and responses under
 `/openai/deployments/{deployment}/...?api-version=...` (chat/completions, completions, embeddings).
 The deployment in the path names a configured model (its name or an alias; an embedding model for
-embeddings) and overrides any `model` in the body, which Azure does not require. Schemas, response
+embeddings; for chat and completions also a LoRA adapter, by either of its ids) and overrides any
+`model` in the body, which Azure does not require. Schemas, response
 building and streaming are the OpenAI and embeddings adapters' own (app/api/wire/openai.py, embeddings.py).
 
 The `api-key` header the Azure SDKs send carries the API key (app/auth.py reads it)."""
@@ -46,25 +47,27 @@ def parse_body(schema: type[BaseModel], body: dict, model: str) -> BaseModel:
 def routes(pipeline: Pipeline, config: AppConfig):
     router = APIRouter()
 
-    def parse(request: Request, deployment: str, schema: type[BaseModel], body: dict) -> BaseModel:
+    async def parse(request: Request, deployment: str, schema: type[BaseModel], body: dict) -> BaseModel:
         require_api_version(request)
-        if deployment not in pipeline.served_ids():
-            raise deployment_not_found(deployment)
-        return parse_body(schema, body, pipeline.resolve_any(deployment))
+        if deployment in pipeline.served_ids():
+            return parse_body(schema, body, pipeline.resolve_any(deployment))
+        if schema is not EmbeddingRequest and await pipeline.names_adapter(deployment):
+            return parse_body(schema, body, deployment)  # the pipeline resolves the adapter as for OpenAI's routes
+        raise deployment_not_found(deployment)
 
     @router.post(PREFIX + "/{deployment}/chat/completions")
     async def chat_completions(request: Request, deployment: str, body: dict):
-        parsed = parse(request, deployment, ChatCompletionRequest, body)
+        parsed = await parse(request, deployment, ChatCompletionRequest, body)
         return await respond(pipeline, request_id(request), "chat", parsed)
 
     @router.post(PREFIX + "/{deployment}/completions")
     async def completions(request: Request, deployment: str, body: dict):
-        parsed = parse(request, deployment, CompletionRequest, body)
+        parsed = await parse(request, deployment, CompletionRequest, body)
         return await respond(pipeline, request_id(request), "completion", parsed)
 
     @router.post(PREFIX + "/{deployment}/embeddings")
     async def embeddings(request: Request, deployment: str, body: dict):
-        parsed = parse(request, deployment, EmbeddingRequest, body)
+        parsed = await parse(request, deployment, EmbeddingRequest, body)
         vectors, prompt_tokens = await pipeline.embed(parsed.model, parsed.inputs(), parsed.dimensions)
         return JSONResponse(embedding_response(parsed.model, vectors, prompt_tokens, parsed.encoding_format))
 
