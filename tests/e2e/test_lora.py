@@ -15,6 +15,7 @@ import torch
 from ray import serve
 from safetensors.torch import load_file, save_file
 
+from tests.e2e.tgi_stream import read_tgi_events
 from tests.e2e.variants import call_deployment, deploy, model_args
 from tests.unit.lora_adapters import ADAPTERS, fresh_model, make_adapter, make_adapters, merged
 
@@ -93,17 +94,7 @@ async def stream_ids(http: httpx.AsyncClient, url: str, model: str, prompt: str,
     async with http.stream("POST", f"{url}/", json=body) as r:
         if r.status_code != 200:
             return {**result, "status": r.status_code, "body": json.loads(await r.aread())}
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            event = json.loads(line.removeprefix("data:"))
-            if "error" in event:
-                result["errors"].append(event)
-                continue
-            result["ids"].append(event["token"]["id"])
-            if event["details"]:
-                result["finish"] = event["details"]["finish_reason"]
-    return result
+        return await read_tgi_events(r, result)
 
 
 def run(coro):

@@ -5,7 +5,6 @@ streams that had tokens from it with the error event, sends again the ones that 
 sees the loss), and the other replica's streams finish whole."""
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -15,6 +14,7 @@ import pytest
 import ray
 from ray import serve
 
+from tests.e2e.tgi_stream import read_tgi_events
 from tests.e2e.variants import call_deployment, deploy, model_args
 
 pytestmark = pytest.mark.e2e
@@ -53,19 +53,7 @@ async def read_stream(http: httpx.AsyncClient, url: str, request: dict, drop_aft
     result = {"ids": [], "errors": [], "finish": None} if result is None else result
     async with http.stream("POST", url, json=request) as r:
         assert r.status_code == 200, await r.aread()
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            event = json.loads(line.removeprefix("data:"))
-            if "error" in event:
-                result["errors"].append(event)
-                continue
-            result["ids"].append(event["token"]["id"])
-            if event["details"]:
-                result["finish"] = event["details"]["finish_reason"]
-            if drop_after is not None and len(result["ids"]) >= drop_after:
-                break
-    return result
+        return await read_tgi_events(r, result, drop_after)
 
 
 def expected_ids(hf_model, reference_greedy, prompt: str, max_tokens: int) -> list[int]:
