@@ -173,7 +173,9 @@ def test_cancel_wins_over_a_later_finish(url):
 
 def test_sweep_deletes_only_what_is_past_retention(url):
     async def body(db, store):
-        now = time.time()
+        # Sweep as of 10 days ahead: nothing here is past retention yet, so the store's own sweep at
+        # start (which may run between these saves) deletes nothing this test means to count.
+        now = time.time() + 10 * 86400
         await store.save("k", response("resp_old", created_at=now - 31 * 86400), [message("m1", "user", "x")], [])
         await store.save("k", response("resp_new", created_at=now - 29 * 86400), [message("m2", "user", "x")], [])
         assert await db.sweep(now) == 1

@@ -11,7 +11,9 @@ from tests.unit.test_store import postgres, url  # noqa: F401  (fixtures: each b
 
 def run(url, tmp_path, body):
     async def main():
-        db = Database(StoreConfig(url=url, files_dir=str(tmp_path / "files")))
+        # A retention longer than any record here: the store's own sweep at start must not race the
+        # tests, which call expire() themselves with the cutoff they mean.
+        db = Database(StoreConfig(url=url, files_dir=str(tmp_path / "files"), retention_days=1000))
         files, batches = FileStore(db, db.config.files_dir), BatchStore(db)
         await db.start()
         try:
