@@ -114,7 +114,7 @@ class LLMEngine:
         self._guided = None  # GuidedCompiler, built on the first guided request
         self._guided_lock = threading.Lock()  # the replica's compile pool and the engine thread both ask
         spec = config.speculative  # docs/speculative-decoding.md
-        self.proposer = build_proposer(config, model) if spec else None
+        self.proposer = build_proposer(config, model, tokenizer) if spec else None
         self.gate = SpecGate(spec, self.max_model_len) if spec else None
         self.spec_stats = SpecDecodeStats() if spec else None
 

@@ -183,3 +183,21 @@ def test_counters_become_vllm_metric_increments_and_status_shows_acceptance(monk
     console = Console(record=True, width=200)
     status.render(type("S", (), {"applications": {}})(), {("demo", "r1"): gauges}, console)
     assert "50% (2.67 tok/draft)" in console.export_text()
+
+
+def test_a_draft_with_another_vocabulary_stops_the_replica_from_starting(hf_model, model_path, tmp_path):
+    """The replica-start twin of `conduit validate`'s check (tests/unit/test_cli_validate_draft.py)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model, tokenizer = hf_model
+    draft = tmp_path / "draft"
+    shutil.copytree(model_path, draft)
+    other = AutoTokenizer.from_pretrained(draft)
+    other.add_tokens(["<not-in-the-target>"])
+    other.save_pretrained(draft)
+    config = EngineConfig(max_model_len=256, num_kv_blocks=16,
+                          speculative={"method": "draft_model", "draft_model": str(draft)}).resolved(1024)
+    with pytest.raises(ValueError, match="engine.speculative.draft_model: .*different vocabulary"):
+        LLMEngine(model, tokenizer, config)
