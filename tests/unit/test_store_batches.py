@@ -35,7 +35,7 @@ def test_files_belong_to_their_owner_and_page(url, tmp_path):
         await files.write("b", b"x\n", "batch", "b.jsonl")
         assert await files.get("b", made[0]["id"]) is None
         assert (await files.get("a", made[0]["id"]))["bytes"] == 2
-        assert files.path(made[1]["id"]).read_bytes() == b"1\n"
+        assert await files.read(made[1]["id"]) == b"1\n"
         page, more = await files.list("a", None, None, 2, descending=False)
         assert [f["id"] for f in page] == [m["id"] for m in made[:2]] and more
         page, more = await files.list("a", None, page[-1]["id"], 2, descending=False)
@@ -43,7 +43,7 @@ def test_files_belong_to_their_owner_and_page(url, tmp_path):
         assert await files.list("a", "batch_output", None, 10, True) == ([], False)
         assert not await files.delete("b", made[0]["id"])
         assert await files.delete("a", made[0]["id"])
-        assert not files.path(made[0]["id"]).exists() and await files.get("a", made[0]["id"]) is None
+        assert await files.read(made[0]["id"]) is None and await files.get("a", made[0]["id"]) is None
 
     run(url, tmp_path, body)
 

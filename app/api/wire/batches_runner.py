@@ -139,9 +139,8 @@ class BatchRunner:
                                                                   "failed": 0}}, ("validating",))
 
     async def _read(self, batch: dict):
-        path = self.files.path(batch["input_file_id"])
-        data = await asyncio.to_thread(path.read_bytes) if path.exists() else b""
-        return read_input(data, batch["endpoint"])
+        data = await self.files.read(batch["input_file_id"])  # None: its bytes are gone
+        return read_input(data or b"", batch["endpoint"])
 
     async def _run_lines(self, owner: str, batch: dict) -> None:
         lines = (await self._read(batch)).lines

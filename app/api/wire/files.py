@@ -1,7 +1,8 @@
 """OpenAI's Files API (`/v1/files`), and the adapter that also serves the Batch API (batches.py) on
-the same store: file records in the database, their bytes in StoreConfig.files_dir. A `batch`
-file must be JSONL (each non-blank line a JSON object); files belong to the API key that uploaded
-them (another key's id is a 404, as a missing one). Uploads are bounded by store.max_file_bytes
+the same store: file records in the database, their bytes in StoreConfig.files_dir (a directory or
+any fsspec URL; app/store/files.py). A `batch` file must be JSONL (each non-blank line a JSON
+object), checked as it streams in; files belong to the API key that uploaded them (another key's id
+is a 404, as a missing one). Content streams out in chunks, never whole in memory. Uploads are bounded by store.max_file_bytes
 (the server's body limit for this one path; ingress.max_request_bytes bounds every other body)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.api.adapter import Adapter, adapter
 from app.api.errors import ConduitError, invalid
@@ -58,13 +59,13 @@ def routes(pipeline: Pipeline, config: AppConfig) -> Adapter:
         if purpose not in PURPOSES:
             raise invalid(f"purpose: {purpose!r} is not supported by this server; use one of {', '.join(PURPOSES)}",
                           "purpose")
-        staged = files.staging()
+        staged = files.stage()
         try:
-            await _stage(file, staged, max_bytes)
-            await asyncio.to_thread(_check_jsonl, staged)
+            await _stage(file, await asyncio.to_thread(files.open_staged, staged), max_bytes)
             return await files.add(current_call.get().tenant, staged, purpose, _filename(file.filename))
-        finally:
-            staged.unlink(missing_ok=True)
+        except BaseException:
+            await asyncio.shield(files.discard(staged))
+            raise
 
     @router.get(PREFIX)
     async def list_files(purpose: str | None = None, after: str | None = None,
@@ -85,10 +86,14 @@ def routes(pipeline: Pipeline, config: AppConfig) -> Adapter:
 
     @router.get(PREFIX + "/{file_id}/content")
     async def content(file_id: str):
-        found = await files.get(current_call.get().tenant, file_id)
-        if found is None or not files.path(file_id).exists():
+        if await files.get(current_call.get().tenant, file_id) is None:
             raise file_not_found(file_id)
-        return FileResponse(files.path(file_id), media_type="application/octet-stream")
+        try:
+            size, source = await asyncio.to_thread(files.open, file_id)
+        except FileNotFoundError:  # the record outlived its bytes (removed by hand, or a sweep racing)
+            raise file_not_found(file_id) from None
+        return StreamingResponse(_chunks(source), media_type="application/octet-stream",
+                                 headers={"content-length": str(size)})
 
     @router.delete(PREFIX + "/{file_id}")
     async def delete(file_id: str):
@@ -101,17 +106,35 @@ def routes(pipeline: Pipeline, config: AppConfig) -> Adapter:
                    prefixes=(PREFIX, "/v1/batches"))
 
 
-async def _stage(upload: UploadFile, staged, max_bytes: int) -> None:
-    size = 0
-    with open(staged, "wb") as out:
+async def _stage(upload: UploadFile, out, max_bytes: int) -> None:
+    """Write the upload to `out` (closed at the end), refusing it past `max_bytes`, empty, or not JSONL."""
+    size, check = 0, JsonlCheck()
+
+    def take(chunk: bytes) -> None:
+        check.feed(chunk)
+        out.write(chunk)
+
+    try:
         while chunk := await upload.read(CHUNK):
             size += len(chunk)
             if size > max_bytes:
                 raise ConduitError(f"File exceeds the limit of {max_bytes} bytes", 413, param="file",
                                    code="file_too_large")
-            out.write(chunk)
-    if size == 0:
-        raise invalid("file: the file is empty", "file")
+            await asyncio.to_thread(take, chunk)
+        if size == 0:
+            raise invalid("file: the file is empty", "file")
+        check.end()
+    finally:
+        await asyncio.to_thread(out.close)
+
+
+async def _chunks(source):
+    """The bytes of an open file, CHUNK at a time, read off the event loop; closes it at the end."""
+    try:
+        while chunk := await asyncio.to_thread(source.read, CHUNK):
+            yield chunk
+    finally:
+        await asyncio.to_thread(source.close)
 
 
 def _filename(name: str | None) -> str:
@@ -119,16 +142,36 @@ def _filename(name: str | None) -> str:
     return (name or "").replace("\x00", "")[:255] or "file.jsonl"
 
 
-def _check_jsonl(path) -> None:
-    """A batch file is JSONL: each non-blank line UTF-8 text holding one JSON object."""
-    with open(path, "rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                ok = isinstance(json.loads(raw.decode()), dict)
-            except (ValueError, RecursionError):
-                ok = False
-            if not ok:
-                raise invalid(f"file: line {number} is not a JSON object; a batch file is JSONL (one JSON object "
-                              "per line)", "file", "invalid_file_format")
+class JsonlCheck:
+    """A batch file is JSONL: each non-blank line UTF-8 text holding one JSON object. Fed the file's
+    chunks as they arrive, so an upload is read once, wherever its bytes go."""
+
+    def __init__(self):
+        self.number = 0  # lines checked
+        self.pending: list[bytes] = []  # the line so far, when a chunk ends inside one
+
+    def feed(self, chunk: bytes) -> None:
+        *complete, rest = chunk.split(b"\n")
+        if complete:
+            self._line(b"".join([*self.pending, complete[0]]))
+            for raw in complete[1:]:
+                self._line(raw)
+            self.pending = []
+        if rest:
+            self.pending.append(rest)
+
+    def end(self) -> None:
+        if self.pending:
+            self._line(b"".join(self.pending))
+
+    def _line(self, raw: bytes) -> None:
+        self.number += 1
+        if not raw.strip():
+            return
+        try:
+            ok = isinstance(json.loads(raw.decode()), dict)
+        except (ValueError, RecursionError):
+            ok = False
+        if not ok:
+            raise invalid(f"file: line {self.number} is not a JSON object; a batch file is JSONL (one JSON object "
+                          "per line)", "file", "invalid_file_format")
