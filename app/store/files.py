@@ -12,6 +12,7 @@ import uuid
 from asyncio import to_thread
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import fsspec
 import sqlalchemy as sa
@@ -99,7 +100,7 @@ class FileStore:
             await self.discard(staged)
             raise
 
-    def open(self, file_id: str) -> tuple[int, object]:
+    def open(self, file_id: str) -> tuple[int, IO[bytes]]:
         """(size, a binary file to read) of a file's bytes; FileNotFoundError when they are gone.
         Blocking: call it and the file's methods off the event loop."""
         key = self.key(file_id)

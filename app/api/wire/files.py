@@ -134,7 +134,8 @@ async def _chunks(source):
         while chunk := await asyncio.to_thread(source.read, CHUNK):
             yield chunk
     finally:
-        await asyncio.to_thread(source.close)
+        # not awaited: once the client is gone every await here is cancelled (closing a read is cheap)
+        source.close()
 
 
 def _filename(name: str | None) -> str:
