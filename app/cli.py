@@ -256,22 +256,24 @@ def batch_job(
     input_path: str = typer.Argument(..., metavar="INPUT", help="JSONL of OpenAI batch lines, or Parquet (a path or URL)"),
     output: Path = typer.Option(..., "-o", "--output", help="JSONL of output lines; lines already there are skipped"),
     config: Path = typer.Option(Path("serve_config.yaml"), "--config", exists=True, dir_okay=False),
-    model: str | None = typer.Option(None, "--model", help="a served model's name or alias (default: the only one)"),
+    model: str | None = typer.Option(None, "--model", help="a served model's name or alias, embedding models too "
+                                     "(default: the one the input's first line names, else the only one)"),
     address: str = typer.Option("local", help="Ray cluster: `local` starts one for this job; `auto` or HOST:PORT joins one"),
     replicas: int | None = typer.Option(None, help="engine actors (default: the model deployment's replicas)"),
-    batch_size: int | None = typer.Option(None, help="lines per Ray Data batch (default: 4 x engine.max_num_seqs)"),
+    batch_size: int | None = typer.Option(None, help="lines per Ray Data batch (default: 4 x engine.max_num_seqs; "
+                                          "embedding models: max_batch_size)"),
 ):
     """Run a file of OpenAI batch lines offline on Ray Data (docs/batch.md); resumable."""
     from app.batch.job import run_batch
-    from app.batch.target import find_target
+    from app.batch.target import find_target, first_line_model
     from app.demo_model import build_demo_model
 
     try:
-        target = find_target(_load_apps(config), model)
+        target = find_target(_load_apps(config), model, None if model else first_line_model(input_path))
     except (ConfigError, ValueError) as e:
         typer.echo(f"{config}: {e}", err=True)
         raise typer.Exit(1) from None
-    if target.model.build_demo_if_missing:
+    if getattr(target.model, "build_demo_if_missing", False):  # embedding models have no demo
         build_demo_model(target.model.resolved_source)
     try:
         summary = run_batch(input_path, output, target, address, replicas, batch_size)

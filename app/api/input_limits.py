@@ -48,6 +48,13 @@ def check_embedding_inputs(count: int, limits: InputLimits) -> None:
     _at_most(count, limits.max_embedding_inputs, "input", "inputs")
 
 
+def check_embedding_request(inputs: list[str] | list[list[int]], limits: InputLimits) -> None:
+    """An embeddings request's inputs (online and in `conduit batch`): some, none of them empty, not too many."""
+    if not inputs or any(len(x) == 0 for x in inputs):
+        raise invalid("input must not be empty, nor hold an empty string or token list", "input")
+    check_embedding_inputs(len(inputs), limits)
+
+
 def _at_most(value: int, cap: int, param: str, what: str) -> None:
     if value > cap:
         raise invalid(f"{param}: at most {cap} {what} per request (this server's ingress.input_limits); got {value}",

@@ -16,7 +16,7 @@ import numpy as np
 from app import access_log
 from app.api.errors import ConduitError, invalid
 from app.api.faults import bounded, bounded_iter
-from app.api.input_limits import cap_max_tokens, check_embedding_inputs, check_generate
+from app.api.input_limits import cap_max_tokens, check_embedding_request, check_generate
 from app.api.protocol import GenerateRequest, PreparedRequest
 from app.api.stream_mux import StreamMux
 from app.config import InputLimits
@@ -153,9 +153,7 @@ class Pipeline:
         if model in self.models.ids:
             raise invalid(f"`{model}` is a text-generation model, not an embedding model", "model", "model_not_supported")
         name = self.embedders.resolve(model)
-        if not inputs or any(len(x) == 0 for x in inputs):
-            raise invalid("input must not be empty, nor hold an empty string or token list", "input")
-        check_embedding_inputs(len(inputs), self.limits)
+        check_embedding_request(inputs, self.limits)
         vectors, prompt_tokens = await self.embedders.handle(name).embed.remote(inputs, dimensions)
         current_call.get().charge(prompt_tokens)  # the key's tokens per minute
         return vectors, prompt_tokens

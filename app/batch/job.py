@@ -1,6 +1,6 @@
 """`conduit batch`: the driver. It reads which lines OUTPUT already answers, builds the Ray Data
-pipeline (read the input's pending lines -> `BatchWorker` actors, one per replica, each with one
-replica's resources) and writes each output line as it arrives, so an interrupted job resumes
+pipeline (read the input's pending lines -> `BatchWorker` actors, or `EmbeddingWorker` ones for an
+embedding model, one per replica, each with one replica's resources) and writes each output line as it arrives, so an interrupted job resumes
 where it stopped. Ray Data schedules everything; this file only wires it up and shows progress."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.batch.embedding_worker import EmbeddingWorker
 from app.batch.lines import Answered, answered, is_error
 from app.batch.progress import Progress
 from app.batch.source import READ_CPUS, count_lines, decode, is_parquet, read_input, split_lines
@@ -114,16 +115,24 @@ def run_batch(input_path: str, output: Path, target: BatchTarget, address: str =
         cluster = ray.cluster_resources()
         options = target.actor_options(cluster.get("GPU", 0.0))
         actors = _actors(replicas or target.replicas, options, cluster)
+        worker, lines_per_batch = _worker(target)
         dataset = read_input(input_path, out.done).map_batches(
-            BatchWorker, fn_constructor_args=(target.model, target.ingress), batch_format="numpy",
-            batch_size=batch_size or BATCHES_PER_SLOT * target.model.engine.max_num_seqs,
-            compute=ray.data.ActorPoolStrategy(size=actors), **options)
+            worker, fn_constructor_args=(target.model, target.ingress), batch_format="numpy",
+            batch_size=batch_size or lines_per_batch, compute=ray.data.ActorPoolStrategy(size=actors), **options)
         with out, Progress(total, before, show_progress) as progress:
             _write(dataset, out, progress, summary)
     finally:
         if started_ray:
             ray.shutdown()
     return summary
+
+
+def _worker(target: BatchTarget) -> tuple[type, int]:
+    """The actor class for the target's kind of model, and its default lines per Ray Data batch:
+    for an embedding model, one forward pass's worth (each line has one input or more)."""
+    if target.embeds:
+        return EmbeddingWorker, target.model.max_batch_size
+    return BatchWorker, BATCHES_PER_SLOT * target.model.engine.max_num_seqs
 
 
 def _actors(wanted: int, options: dict, cluster: dict) -> int:

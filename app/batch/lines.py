@@ -2,7 +2,8 @@
 and which lines an output already answers (resume). No Ray, no engine: `conduit batch` and the
 Batch API routes read and write the same lines.
 
-Input line:  {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}
+Input line:  {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings",
+              "body"}
 Output line: {"id", "custom_id", "response": {"status_code", "request_id", "body"} | null, "error": null | {...}}
 
 A body the route would refuse gets the route's own 4xx as its response (status code and OpenAI's
@@ -20,7 +21,9 @@ from dataclasses import dataclass, field
 from app.api.input_limits import surrogate_error
 
 METHOD = "POST"
-URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}  # url -> ResponseBuilder kind
+URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}  # a text-generation model's routes
+EMBEDDING_URLS = {"/v1/embeddings": "embedding"}  # an embedding model's
+KINDS = {**URLS, **EMBEDDING_URLS}  # url -> the kind of request (chat and completion: ResponseBuilder's kinds)
 MAX_CUSTOM_ID = 512  # characters; longer ones are refused (OpenAI asks for short ids too)
 
 
@@ -34,7 +37,7 @@ class BatchLine:
 
     @property
     def kind(self) -> str:
-        return URLS[self.url]
+        return KINDS[self.url]
 
 
 @dataclass
@@ -76,6 +79,16 @@ def parse_line(text: str, utf8: bool = True, urls: Iterable[str] = URLS) -> Batc
     if extra:
         return LineError("invalid_line", f"Unrecognized line fields: {', '.join(sorted(extra))}", custom_id)
     return BatchLine(custom_id, url, obj["body"])
+
+
+def job_line_error(err: LineError, number: int, model: str) -> str:
+    """The output line of a line that is no request for a `conduit batch` job running `model`:
+    `number` is its line in the input (0 for Parquet rows, which have none)."""
+    if err.code == "invalid_url":  # one job runs one model, and so its kind of route
+        err.message += f": this job runs {model!r}, and one job runs one model"
+    if number:
+        err.message += f" (line {number})"
+    return error_line(err)
 
 
 def line_id(text: str) -> str:

@@ -1,7 +1,8 @@
 """A batch line's body as the online route reads it, and its answer as the route writes it: the
-OpenAI adapter's own request models validate the body, and its `ResponseBuilder` builds the
-response body, so a batch answer is the chat (or completions) route's answer, byte for byte but
-for ids and timestamps. Refusals are `ConduitError`s, rendered as the route renders them."""
+routes' own request models validate the body (the OpenAI adapter's; the embeddings adapter's), and
+the OpenAI adapter's `ResponseBuilder` builds a generation's response body, so a batch answer is the
+chat (or completions) route's answer, byte for byte but for ids and timestamps (embeddings lines:
+app/batch/embedding_worker.py). Refusals are `ConduitError`s, rendered as the route renders them."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from pydantic import ValidationError
 from app.api.errors import ConduitError
 from app.api.protocol import GenerateRequest
 from app.api.server import validation_error
+from app.api.wire.embeddings import EmbeddingRequest
 from app.api.wire.openai import ChatCompletionRequest, CompletionRequest, ResponseBuilder, error_body
 from app.batch.lines import BatchLine, response_line
+from app.config import IngressConfig
 from app.engine.engine import RequestOutput
 from deployments.adapters import Target
 
-BODY_MODELS = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
+BODY_MODELS = {"chat": ChatCompletionRequest, "completion": CompletionRequest, "embedding": EmbeddingRequest}
 ID_PREFIX = {"chat": "chatcmpl-", "completion": "cmpl-"}
 
 
@@ -39,17 +42,30 @@ def to_request(line: BatchLine, target: Callable[[str], Target]) -> LineRequest:
     """Validate `line`'s body as its route does (ConduitError naming the field when it would not).
     `target`: what a model id runs on in this job (its model, or one of its LoRA adapters; a 404
     ConduitError for any other id)."""
-    try:
-        body = BODY_MODELS[line.kind].model_validate(line.body)
-    except ValidationError as e:
-        raise validation_error(RequestValidationError(e.errors())) from None
-    if body.stream:
-        raise ConduitError("stream is not supported in a batch: each line gets one whole response", param="stream")
+    body = route_body(line)
     runs_on = target(body.model)
     request_id = uuid.uuid4().hex
     req = body.to_internal(request_id)
     req.model = runs_on.model
     return LineRequest(line, request_id, body, req, runs_on)
+
+
+def check_size(text: str, ingress: IngressConfig) -> None:
+    """The route's 413 for a line past `ingress.max_request_bytes`."""
+    if len(text.encode()) > ingress.max_request_bytes:
+        raise ConduitError(f"Request body exceeds the limit of {ingress.max_request_bytes} bytes", 413,
+                           code="request_too_large")
+
+
+def route_body(line: BatchLine):
+    """`line`'s body, validated by its route's own request model (a ConduitError naming the field)."""
+    try:
+        body = BODY_MODELS[line.kind].model_validate(line.body)
+    except ValidationError as e:
+        raise validation_error(RequestValidationError(e.errors())) from None
+    if getattr(body, "stream", False):
+        raise ConduitError("stream is not supported in a batch: each line gets one whole response", param="stream")
+    return body
 
 
 def answer_line(request: LineRequest, outs: list[RequestOutput], echo: str | None) -> str:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from app.api.errors import ConduitError
 from app.api.input_limits import cap_max_tokens, check_generate
 from app.api.protocol import PreparedRequest
-from app.batch.lines import LineError, error_line, parse_line
-from app.batch.requests import LineRequest, answer_line, refusal_line, to_request
+from app.batch.lines import LineError, job_line_error, parse_line
+from app.batch.requests import LineRequest, answer_line, check_size, refusal_line, to_request
 from app.config import IngressConfig, ModelConfig
 from app.engine.engine import RequestOutput
 from app.engine.errors import RequestRejected
@@ -92,15 +92,11 @@ class BatchWorker:
     def _start(self, text: str, number: int, utf8: bool, running: dict[str, _Running], finished: list) -> None:
         parsed = parse_line(text, utf8)
         if isinstance(parsed, LineError):
-            if number:  # Parquet rows have none
-                parsed.message += f" (line {number})"
-            finished.append((error_line(parsed), 0))
+            finished.append((job_line_error(parsed, number, self.model.name), 0))
             return
         request = None
         try:
-            if len(text.encode()) > self.ingress.max_request_bytes:  # the route's 413
-                raise ConduitError(f"Request body exceeds the limit of {self.ingress.max_request_bytes} bytes", 413,
-                                   code="request_too_large")
+            check_size(text, self.ingress)
             request = to_request(parsed, lambda model: self.loop.run_until_complete(self.models.target(model)))
             choices, echo = self._prepare(request)
             lora = self._adapter(request.target)
