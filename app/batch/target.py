@@ -1,7 +1,7 @@
 """What `conduit batch` runs, taken from the serve config the online server uses: the model (its
 engine settings; or an embedding model), the ingress's limits, and one replica's Ray resources and
 how many replicas. One job runs one model: `--model`, else the one the input's first line names,
-else the config's only text-generation model (or its only embedding model, when it has none)."""
+else the config's only text-generation model."""
 
 from __future__ import annotations
 
@@ -63,8 +63,7 @@ def fitting_replicas(wanted: int, options: dict, cluster: dict[str, float], spar
 def find_target(apps: list[dict], model_id: str | None, line_model: str | None = None) -> BatchTarget:
     """`apps`: the config's applications (validated, as `conduit validate` does); `model_id`: a
     model's name or alias (`--model`), or None: then the model `line_model` (the input's first line's)
-    names when the config serves it, else the config's only text-generation model (or its only
-    embedding model, when it serves none)."""
+    names when the config serves it, else the config's only text-generation model."""
     served = [(model, config.ingress, _deployment(app, model)) for app in apps
               if app.get("import_path", "").startswith("app.build:")
               for config in [parse_app_config(app.get("args") or {})]
@@ -73,7 +72,7 @@ def find_target(apps: list[dict], model_id: str | None, line_model: str | None =
         candidates = [c for c in served if model_id in _ids(c[0])]
     else:
         candidates = ([c for c in served if line_model in _ids(c[0])]
-                      or [c for c in served if isinstance(c[0], ModelConfig)] or served)
+                      or [c for c in served if isinstance(c[0], ModelConfig)])
     if len(candidates) != 1:
         names = ", ".join(sorted(model.name for model, _, _ in served))
         problem = "no model" if not candidates else "more than one model"
