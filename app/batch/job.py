@@ -1,7 +1,8 @@
 """`conduit batch`: the driver. It reads which lines OUTPUT already answers, builds the Ray Data
 pipeline (read the input's pending lines -> `BatchWorker` actors, or `EmbeddingWorker` ones for an
 embedding model, one per replica, each with one replica's resources) and writes each output line as
-it arrives, so an interrupted job resumes where it stopped. Ray Data schedules everything; this file only wires it up and shows progress."""
+it arrives, so an interrupted job resumes where it stopped. Ray Data schedules everything; this file
+only wires it up and shows progress."""
 
 from __future__ import annotations
 
