@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -189,12 +190,14 @@ def session_members(sid: int) -> list[int]:
     return pids
 
 
-def cpu_seconds_by_process(sid: int) -> dict[str, float]:
-    """CPU seconds (user + system) so far of every process in session `sid`, keyed by its title
-    (Ray names its workers `ray::ServeReplica:<app>:<deployment>`, `ray::ProxyActor`, ...)."""
+def cpu_seconds_by_process(sid: int) -> dict[int, tuple[str, float]]:
+    """Per pid in session `sid`: (its title, its CPU seconds so far, user + system). Ray names its
+    workers `ray::ServeReplica:<app>:<deployment>`, `ray::ProxyActor`, ... and appends the method
+    running now (`ray::ServeController.listen_for_change`), which is stripped: the title changes
+    while the process lives, so the CPU deltas are taken per pid, never per title."""
     import psutil
 
-    totals: dict[str, float] = {}
+    found: dict[int, tuple[str, float]] = {}
     for pid in session_members(sid):
         try:
             proc = psutil.Process(pid)
@@ -202,9 +205,12 @@ def cpu_seconds_by_process(sid: int) -> dict[str, float]:
             times = proc.cpu_times()
         except (psutil.Error, IndexError):
             continue
-        name = title.removeprefix("ray::ServeReplica:conduit:") if title.startswith("ray::") else proc.name()
-        totals[name] = totals.get(name, 0.0) + times.user + times.system
-    return totals
+        if title.startswith("ray::"):
+            title = re.sub(r"\.[A-Za-z_]\w*$", "", title).removeprefix("ray::ServeReplica:conduit:")
+        else:
+            title = proc.name()
+        found[pid] = (title, times.user + times.system)
+    return found
 
 
 def direct_ingress_port(sid: int) -> int | None:
@@ -224,10 +230,14 @@ def direct_ingress_port(sid: int) -> int | None:
     return None
 
 
-def cpu_ms_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
-    """Where a served token's CPU goes: each process's CPU during the run, per output token.
-    On a 2-core box the sum bounds throughput at 2000 / sum tok/s, however the work is scheduled."""
-    spent = {name: (after[name] - before.get(name, 0.0)) * 1e3 / tokens for name in after}
+def cpu_ms_per_token(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                     tokens: int) -> dict[str, float]:
+    """Where a served token's CPU goes: each process's CPU during the run, per output token, summed by
+    title (a process started during the run counts from zero). On a 2-core box the sum bounds
+    throughput at 2000 / sum tok/s, however the work is scheduled."""
+    spent: dict[str, float] = {}
+    for pid, (title, seconds) in after.items():
+        spent[title] = spent.get(title, 0.0) + (seconds - before.get(pid, (title, 0.0))[1]) * 1e3 / tokens
     return dict(sorted(((n, v) for n, v in spent.items() if v >= 0.01), key=lambda kv: -kv[1]))
 
 
