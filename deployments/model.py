@@ -20,7 +20,7 @@ from app.api.stream_mux import ChannelOpen, ChannelWanted, Outboxes, Route, pump
 from app.config import ModelConfig
 from app.engine.async_engine import AsyncEngine, EngineDeadError
 from app.engine.engine import LLMEngine, RequestOutput
-from app.engine.errors import RequestRejected
+from app.engine.errors import QueueFull, RequestRejected
 from app.engine.guided import CompilerBusy
 from app.engine.lora import LoraAdapter
 from app.loading import load_replica_model, load_tokenizer, pick_device, resolved_engine_config
@@ -67,22 +67,28 @@ class Model:
         log.info("model %s ready: %s", config.name, engine_config.model_dump())
 
     async def generate(self, request: PreparedRequest, route: Route | None = None) -> AsyncIterator:
-        if (full := self.engine.engine.queue_full(request.tenant)) is not None:  # the key's share, then the replica's
-            raise unavailable(full, "server_overloaded")
-        lora = await self._adapter(request)
-        outbox = self.outboxes.get(route.ingress) if route else None
-        if outbox is not None:  # its deltas go with the ingress's other streams', each engine step
-            self.outboxes.carried += 1
-            await pump(outbox, route.key, self._deltas(request, lora, 0.0, None))
-            return
-        if route is not None:
-            yield ChannelWanted(self.outboxes.replica)
-        deltas = self._deltas(request, lora, self.config.stream_interval_s, self.config.max_stream_messages_per_s)
+        try:  # the key's share of the queue, then the replica's; held until the engine has the request
+            admitted = self.engine.admit(request.tenant)
+        except QueueFull as e:
+            raise unavailable(str(e), "server_overloaded") from None
         try:
-            async for out in deltas:
-                yield out
-        finally:  # cancelled at the `yield`: abort the sequence now (see _deltas)
-            await deltas.aclose()
+            lora = await self._adapter(request)
+            outbox = self.outboxes.get(route.ingress) if route else None
+            if outbox is not None:  # its deltas go with the ingress's other streams', each engine step
+                self.outboxes.carried += 1
+                await pump(outbox, route.key, self._deltas(request, lora, 0.0, None, admitted))
+                return
+            if route is not None:
+                yield ChannelWanted(self.outboxes.replica)
+            deltas = self._deltas(request, lora, self.config.stream_interval_s,
+                                  self.config.max_stream_messages_per_s, admitted)
+            try:
+                async for out in deltas:
+                    yield out
+            finally:  # cancelled at the `yield`: abort the sequence now (see _deltas)
+                await deltas.aclose()
+        finally:  # never reached the engine (a bad adapter, a client gone before its first delta)
+            admitted()
 
     async def channel(self, request: ChannelOpen) -> AsyncIterator:
         """An ingress replica's stream channel to this replica (app/api/stream_mux.py)."""
@@ -112,10 +118,10 @@ class Model:
                 "requests": dict(self.adapters.requests) if self.adapters else {}}
 
     async def _deltas(self, request: PreparedRequest, lora: LoraAdapter | None, interval_s: float,
-                      max_messages_per_s: float | None) -> AsyncIterator[RequestOutput]:
+                      max_messages_per_s: float | None, admitted) -> AsyncIterator[RequestOutput]:
         """The request's deltas; the engine's errors as the API's (RequestRejected -> 400, ...)."""
-        deltas = self.engine.generate(request.request_id, request.prompt_ids, request.sampling,
-                                      interval_s, max_messages_per_s, request.priority, request.tenant, lora=lora)
+        deltas = self.engine.generate(request.request_id, request.prompt_ids, request.sampling, interval_s,
+                                      max_messages_per_s, request.priority, request.tenant, lora, admitted)
         tracked = self.metrics.track(request.request_id, deltas)
         try:
             async for out in tracked:

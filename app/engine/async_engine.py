@@ -10,10 +10,10 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from app.engine.engine import LLMEngine, RequestOutput
-from app.engine.errors import RequestRejected
+from app.engine.errors import QueueFull, RequestRejected
 from app.engine.lora.adapter import LoraAdapter
 from app.engine.sampling_params import GuidedDecoding, SamplingParams
 from app.engine.schema_limits import SchemaError
@@ -28,6 +28,7 @@ class AsyncEngine:
         self.engine = engine
         self._inbox: list[tuple] = []
         self._lock = threading.Lock()
+        self._arriving: dict[str, int] = {}  # admitted requests not yet added to the engine, per tenant
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}  # by engine id
         self._ids = itertools.count()
@@ -59,6 +60,33 @@ class AsyncEngine:
             self._inbox.append(command)
         self._wake.set()
 
+    def admit(self, tenant: str) -> Callable[[], None]:
+        """Let one request of `tenant` in, or raise QueueFull (why). From now until the engine thread
+        adds it (or the returned release is called: it is idempotent, for a request that never gets
+        that far) it counts as waiting. Requests posted between two engine steps are in no queue yet,
+        so without this a flood arriving within one step would all pass the queue check."""
+        with self._lock:
+            arriving = self._arriving.get(tenant, 0)
+            why = self.engine.queue_full(tenant, arriving, sum(self._arriving.values()))
+            if why is not None:
+                raise QueueFull(why)
+            self._arriving[tenant] = arriving + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if released:
+                    return
+                released = True
+                left = self._arriving[tenant] - 1
+                if left:
+                    self._arriving[tenant] = left
+                else:
+                    del self._arriving[tenant]
+
+        return release
+
     def flush_interval(self, min_interval: float, max_messages_per_s: float | None) -> float:
         """How long a stream coalesces deltas before sending. Every message crosses Ray (and the
         HTTP proxy) and costs CPU on both ends, so the replica's total message rate is capped: with
@@ -70,14 +98,15 @@ class AsyncEngine:
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams,
         min_interval: float = 0.0, max_messages_per_s: float | None = None, priority: int = 0, tenant: str = "",
-        lora: LoraAdapter | None = None,
+        lora: LoraAdapter | None = None, admitted: Callable[[], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields merged deltas (the first at once, then at most one per `flush_interval()`), the last
         with `finished=True`. Closing the iterator early aborts the request and frees its KV blocks.
         Raises the engine's error for this request (a RequestRejected, or why its sequence failed).
 
         `request_id` is the caller's, for logs only: the engine keys the request by an id of its own,
-        so two requests that bring the same id (a client's x-request-id) never share a stream."""
+        so two requests that bring the same id (a client's x-request-id) never share a stream.
+        `admitted`: the release `admit()` gave this request, called once the engine has added it."""
         self.ensure_started()
         if not self.alive:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
@@ -86,7 +115,7 @@ class AsyncEngine:
         engine_id = f"{request_id}#{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[engine_id] = queue
-        self._post(("add", engine_id, prompt_ids, params, priority, tenant, lora))
+        self._post(("add", engine_id, prompt_ids, params, priority, tenant, lora, admitted))
         finished = False
         last_flush = -1e9
         try:
@@ -142,12 +171,15 @@ class AsyncEngine:
             if command[0] == "abort":
                 self.engine.abort_request(command[1])
                 continue
-            _, request_id, prompt_ids, params, priority, tenant, lora = command
+            _, request_id, prompt_ids, params, priority, tenant, lora, admitted = command
             try:
                 self.engine.add_request(request_id, prompt_ids, params, priority, tenant, lora)
             except Exception as e:  # refused (RequestRejected) or failed on arrival: this request only
                 failed = RequestOutput(request_id, finished=True, finish_reason="error", error=e)
                 self._loop.call_soon_threadsafe(self._dispatch, [failed])
+            finally:
+                if admitted is not None:  # it is in the scheduler's counts now (or refused)
+                    admitted()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

@@ -161,10 +161,11 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def queue_full(self, tenant: str) -> str | None:
+    def queue_full(self, tenant: str, arriving: int = 0, arriving_total: int = 0) -> str | None:
         """Why one more request of `tenant` would be refused (its key's share of the queue, then the
-        replica's), or None. Safe to call from another thread."""
-        return self.scheduler.queue_full(tenant, self.config.max_waiting)
+        replica's), or None; `arriving`: requests let in but not added yet (AsyncEngine.admit). Safe
+        to call from another thread."""
+        return self.scheduler.queue_full(tenant, self.config.max_waiting, arriving, arriving_total)
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -13,3 +13,7 @@ class RequestRejected(ValueError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class QueueFull(RuntimeError):
+    """The request's key has its share of the model's queue, or the whole queue is full (a 503)."""

@@ -119,20 +119,21 @@ class Scheduler:
         self._count_work(seq.tenant, -1)
 
     # admission control, read from the replica's event loop ----------------------------------------
-    def queue_full(self, tenant: str, max_waiting: int) -> str | None:
+    def queue_full(self, tenant: str, max_waiting: int, arriving: int = 0, arriving_total: int = 0) -> str | None:
         """Why one more request of `tenant` is refused, or None. Per key first: a key may hold its
         weighted share of `max_waiting` (among the keys with work here, itself included), so a key
         that floods fills its own share, not everyone's. The whole replica refuses only past twice
-        `max_waiting`, reachable only when many keys fill their shares in turn."""
+        `max_waiting`, reachable only when many keys fill their shares in turn. `arriving` (of this
+        tenant) and `arriving_total`: requests let in but not yet added, counted as waiting."""
         weight = self.weight(tenant)
         active = self.active_weight + (0.0 if tenant in self.tenant_work else weight)
         share = max(1, int(max_waiting * weight / active))
-        waiting = self.tenant_waiting.get(tenant, 0)
+        waiting = self.tenant_waiting.get(tenant, 0) + arriving
         if waiting >= share:
             if share >= max_waiting:  # no other key has work here: its share is the whole queue
                 return "The model's queue is full; retry shortly."
             return f"This API key's share of the model's queue is full ({waiting} requests waiting); retry shortly."
-        if self.num_waiting >= 2 * max_waiting:
+        if self.num_waiting + arriving_total >= 2 * max_waiting:
             return "The model's queue is full; retry shortly."
         return None
 
