@@ -37,7 +37,9 @@ def build_app(args: dict) -> Application:
             request_router_config=RequestRouterConfig(
                 request_router_class=PrefixAffinityRouter,
                 # past a full batch a request waits: a replica holding its LoRA adapter is busy then
-                request_router_kwargs={"busy_queue_len": m.engine.max_num_seqs}),
+                request_router_kwargs={"busy_queue_len": m.engine.max_num_seqs},
+                # each replica's load per API key (Model.record_routing_stats), for fair share
+                request_routing_stats_period_s=1.0),
             logging_config=logs,
             **replica_options(m, uses_gpu(m, cluster_gpus)),
         ).bind(m)

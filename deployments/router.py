@@ -7,6 +7,9 @@ request, and the token stream then flows straight from the chosen replica to the
 Replica choice is prefix-affine: replicas are ranked by rendezvous hash of the prompt's first KV
 block, and the two best-ranked compete on queue length (power of two choices). Requests sharing a
 system prompt therefore land where that prefix is already cached, without piling onto one replica.
+Fair share across replicas: an API key's request is steered away from replicas where that key
+already holds at least half a batch more sequences than on others (each replica reports its load per
+key through Serve's routing stats, about once a second); within the same bracket prefix affinity decides.
 A request for a LoRA adapter goes first to replicas that hold it (Serve's model multiplexing tells
 the router which), with the prefix order as tie-breaker, and to a less busy replica, which then loads
 it, when every holder is busy.
@@ -84,7 +87,8 @@ class PrefixAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             return [named or candidate_replicas]
         if isinstance(request, PreparedRequest):
             key = repr(request.prompt_ids[:PREFIX_TOKENS]).encode()
-            ranked = sorted(candidate_replicas, key=lambda r: _score(r.replica_id.unique_id, key))
+            ranked = sorted(candidate_replicas, key=lambda r: (self._key_bracket(r, request.tenant),
+                                                                _score(r.replica_id.unique_id, key)))
         else:
             ranked = random.sample(candidate_replicas, len(candidate_replicas))
         if isinstance(request, PreparedRequest) and request.lora is not None:
@@ -105,6 +109,13 @@ class PrefixAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
                         key=lambda r: len(r.multiplexed_model_ids))  # stable: prefix order among equals
         ranks = [free_holders[:2], others, [r for r in holders if r not in free_holders[:2]]]
         return [rank for rank in ranks if rank]
+
+    @staticmethod
+    def _key_bracket(replica: RunningReplica, tenant: str) -> int:
+        """The key's load on `replica` as last reported (Model.record_routing_stats), in brackets of
+        half a batch: small differences leave the prefix order alone. (A server without keys has one
+        tenant, "anonymous": there this spreads only a load that is half a batch out of balance.)"""
+        return replica.routing_stats.get("key_brackets", {}).get(tenant, 0) if tenant else 0
 
     def _busy(self, replica: RunningReplica) -> bool:
         queued = self.replica_queue_len_cache.get(replica.replica_id)

@@ -17,7 +17,7 @@ def router(queue_lens: dict[str, int], busy: int = 4) -> PrefixAffinityRouter:
 
 
 def replica(name: str, adapters: set[str]) -> SimpleNamespace:
-    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=name), multiplexed_model_ids=adapters)
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=name), multiplexed_model_ids=adapters, routing_stats={})
 
 
 def ranks(chosen: PrefixAffinityRouter, replicas, lora: str | None, prompt=(1, 2, 3)) -> list[list[str]]:

@@ -26,7 +26,7 @@ def choose(prompt_ids, replicas):
 
 
 def test_same_prefix_same_replicas_and_spread_otherwise():
-    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=f"r{i}")) for i in range(6)]
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=f"r{i}"), routing_stats={}) for i in range(6)]
     system = list(range(100, 116))
     first = choose(system + [1, 2, 3], replicas)
     assert len(first[0]) == 2 and len(first[1]) == 4  # two compete on load, the rest are fallback
@@ -34,3 +34,23 @@ def test_same_prefix_same_replicas_and_spread_otherwise():
     assert {r.replica_id.unique_id for r in again[0]} == {r.replica_id.unique_id for r in first[0]}
     preferred = {choose([p, p + 1] * 8, replicas)[0][0].replica_id.unique_id for p in range(200)}
     assert len(preferred) == 6  # different prefixes use every replica
+
+
+def test_a_keys_request_goes_where_that_key_holds_fewest_sequences():
+    """Fair share across replicas: replicas report each key's load in brackets of half a batch."""
+    def replica(name, brackets):
+        return SimpleNamespace(replica_id=SimpleNamespace(unique_id=name), routing_stats={"key_brackets": brackets})
+
+    def first_choices(tenant, replicas):
+        router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)
+        router._deployment_id = SimpleNamespace(name="Model-m")
+        picks = set()
+        for p in range(50):  # many prefixes: without the key's load, each replica would lead for some
+            pending = SimpleNamespace(args=[PreparedRequest("r", "m", [p, p + 1] * 8, tenant=tenant)])
+            picks |= {r.replica_id.unique_id for r in asyncio.run(router.choose_replicas(replicas, pending))[0]}
+        return picks
+
+    replicas = [replica("flooded", {"a": 3}), replica("some", {"a": 1}), replica("free", {}), replica("free2", {})]
+    assert first_choices("a", replicas) == {"free", "free2"}  # the two where "a" holds least compete on load
+    assert first_choices("b", replicas) == {"flooded", "some", "free", "free2"}  # "b" has no load: prefix only
+    assert first_choices("", replicas) == {"flooded", "some", "free", "free2"}  # no tenant (internal calls)
