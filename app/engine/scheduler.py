@@ -124,11 +124,14 @@ class Scheduler:
         weighted share of `max_waiting` (among the keys with work here, itself included), so a key
         that floods fills its own share, not everyone's. The whole replica refuses only past twice
         `max_waiting`, reachable only when many keys fill their shares in turn. `arriving` (of this
-        tenant) and `arriving_total`: requests let in but not yet added, counted as waiting."""
+        tenant) and `arriving_total`: requests let in but not yet added; those the free batch slots
+        will not take count as waiting."""
         weight = self.weight(tenant)
         active = self.active_weight + (0.0 if tenant in self.tenant_work else weight)
         share = max(1, int(max_waiting * weight / active))
-        waiting = self.tenant_waiting.get(tenant, 0) + arriving
+        free_slots = max(0, self.max_num_seqs - len(self.running) - self.num_waiting)
+        waiting = self.tenant_waiting.get(tenant, 0) + max(0, arriving - free_slots)
+        arriving_total = max(0, arriving_total - free_slots)
         if waiting >= share:
             if share >= max_waiting:  # no other key has work here: its share is the whole queue
                 return "The model's queue is full; retry shortly."
