@@ -31,10 +31,12 @@ def app_args(model_path: str) -> dict:
                 # routes are live (tests/e2e/test_lora.py serves real adapters in an app of its own)
                 "lora": {"max_adapters_per_replica": 2},
             },
-            {   # a second model (same weights, smaller window): the router must keep them apart
+            {   # a second model (same weights, smaller window): the router must keep them apart. It decodes
+                # with n-gram speculation, so the hostile-input and fuzz tests (which use it) drive that path
+                # too, and tests/e2e/test_speculative.py checks its greedy output against plain decoding
                 "name": SECOND_MODEL,
                 "source": model_path,
-                "engine": {"max_num_seqs": 4, "max_model_len": 64},
+                "engine": {"max_num_seqs": 4, "max_model_len": 64, "speculative": {"method": "ngram"}},
             },
         ],
         "embedding_models": [
