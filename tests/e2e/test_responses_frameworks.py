@@ -1,7 +1,7 @@
 """The agent frameworks whose default OpenAI model is the Responses API, against the shared app: the
 OpenAI Agents SDK runs an agent that calls a function tool and answers from its result; pydantic-ai's
 OpenAIResponsesModel returns a structured output; the Vercel AI SDK's `@ai-sdk/openai` responses()
-model runs generateText and streamText (tests/node/vercel_responses.mjs)."""
+model runs generateText and streamText (tests/node/vercel_ai_sdk.mjs responses)."""
 
 import json
 import os
@@ -69,7 +69,7 @@ def test_pydantic_ai_structured_output(server, async_client):
 
 def test_vercel_ai_sdk_responses(node_project, server, client):  # noqa: F811
     env = {**os.environ, "CONDUIT_URL": server, "CONDUIT_MODEL": MODEL}
-    run = subprocess.run(["node", "vercel_responses.mjs"], cwd=node_project, env=env,
+    run = subprocess.run(["node", "vercel_ai_sdk.mjs", "responses"], cwd=node_project, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, f"node script failed:\n{run.stdout}\n{run.stderr}"
     result = json.loads(run.stdout.strip().splitlines()[-1])

@@ -29,7 +29,7 @@ def node_project():
 
 def test_generate_and_stream_text(node_project, server, client):
     env = {**os.environ, "CONDUIT_URL": server, "CONDUIT_MODEL": MODEL}
-    run = subprocess.run(["node", "vercel_ai_sdk.mjs"], cwd=node_project, env=env,
+    run = subprocess.run(["node", "vercel_ai_sdk.mjs", "chat"], cwd=node_project, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, f"node script failed:\n{run.stdout}\n{run.stderr}"
     result = json.loads(run.stdout.strip().splitlines()[-1])
