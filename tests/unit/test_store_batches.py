@@ -6,7 +6,6 @@ import time
 
 from app.config import StoreConfig
 from app.store import BatchStore, Database, FileStore
-from tests.unit.test_store import postgres, url  # noqa: F401  (fixtures: each backend, fresh)
 
 
 def run(url, tmp_path, body):
