@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 import time
 import uuid
@@ -26,6 +27,12 @@ log = logging.getLogger("ray.serve")
 LEASE_S = 30.0  # a claim without a heartbeat for this long is taken over by another replica
 HEARTBEAT_S = 2.0  # also how soon a cancel from another replica is seen
 MAX_BATCHES = 4  # batches one replica runs at once
+# A line the server refuses only for now (503: a model replica lost, at capacity, this server
+# stopping; 429: the key's rate limit) is asked again, waiting 1, 2, 4 ... up to 16 s between tries, for
+# at most RETRY_FOR_S in all; only then is the refusal its answer. Recorded at once, a replica's
+# restart would fail every line run meanwhile, and a killed server's last answers would be these.
+RETRY_STATUS = (429, 503)
+RETRY_FOR_S = 120.0
 
 
 class BatchRunner:
@@ -149,7 +156,7 @@ class BatchRunner:
 
         async def worker() -> None:
             for position, line in todo:  # the workers share one iterator: each line is taken once
-                failed, output = await answer(self.pipeline, line)
+                failed, output = await self._answer(line)
                 await self.batches.record(batch["id"], position, failed, output)
 
         workers = [asyncio.create_task(worker()) for _ in range(self.config.batch_concurrency)]
@@ -165,6 +172,16 @@ class BatchRunner:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _answer(self, line) -> tuple[bool, str]:
+        waited, pause = 0.0, 1.0
+        while True:
+            failed, output = await answer(self.pipeline, line)
+            if not failed or waited >= RETRY_FOR_S or json.loads(output)["response"]["status_code"] not in RETRY_STATUS:
+                return failed, output
+            log.warning("batches: line %r refused for now; asking again in %.0f s", line.custom_id, pause)
+            await asyncio.sleep(pause)
+            waited, pause = waited + pause, min(2 * pause, 16.0)
 
     async def _end(self, owner: str, batch: dict, status: str, expect: tuple[str, ...]) -> None:
         """Write the output and error files of what was answered, and the batch's final status."""
