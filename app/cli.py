@@ -260,8 +260,8 @@ def batch_job(
                                      "(default: the one the input's first line names, else the only one)"),
     address: str = typer.Option("local", help="Ray cluster: `local` starts one for this job; `auto` or HOST:PORT joins one"),
     replicas: int | None = typer.Option(None, help="engine actors (default: the model deployment's replicas)"),
-    batch_size: int | None = typer.Option(None, help="lines per Ray Data batch (default: 4 x engine.max_num_seqs; "
-                                          "embedding models: max_batch_size)"),
+    batch_size: int | None = typer.Option(None, help="lines per Ray Data batch (default: 4 x the offline engine "
+                                          "batch, engine.max_num_seqs but at least 128; embedding models: max_batch_size)"),
 ):
     """Run a file of OpenAI batch lines offline on Ray Data (docs/batch.md); resumable."""
     from app.batch.job import run_batch

@@ -20,9 +20,9 @@ from app.batch.lines import Answered, answered, is_error
 from app.batch.progress import Progress
 from app.batch.source import READ_CPUS, count_lines, decode, is_parquet, read_input, split_lines
 from app.batch.target import BatchTarget, fitting_replicas
-from app.batch.worker import BatchWorker
+from app.batch.worker import OFFLINE_MAX_NUM_SEQS, BatchWorker
 
-BATCHES_PER_SLOT = 4  # a Ray Data batch is this many engine batches (max_num_seqs lines each)
+BATCHES_PER_SLOT = 4  # a Ray Data batch is this many engine batches (the offline max_num_seqs lines each)
 ACTOR_START_LIMIT_S = 1800  # an engine actor's start, its model load included (a large model on a slow disk)
 OUTPUT_BLOCK_BYTES = 16 * 1024  # about the size of the 32 lines a worker yields at once (worker.FLUSH_LINES)
 
@@ -133,7 +133,7 @@ def _worker(target: BatchTarget) -> tuple[type, int]:
     for an embedding model, one forward pass's worth (each line has one input or more)."""
     if target.embeds:
         return EmbeddingWorker, target.model.max_batch_size
-    return BatchWorker, BATCHES_PER_SLOT * target.model.engine.max_num_seqs
+    return BatchWorker, BATCHES_PER_SLOT * max(target.model.engine.max_num_seqs, OFFLINE_MAX_NUM_SEQS)
 
 
 def _actors(wanted: int, options: dict, cluster: dict) -> int:
