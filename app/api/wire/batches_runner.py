@@ -28,7 +28,7 @@ LEASE_S = 30.0  # a claim without a heartbeat for this long is taken over by ano
 HEARTBEAT_S = 2.0  # also how soon a cancel from another replica is seen
 MAX_BATCHES = 4  # batches one replica runs at once
 # A line the server refuses only for now (503: a model replica lost, at capacity, this server
-# stopping; 429: the key's rate limit) is asked again, waiting 1, 2, 4 ... up to 16 s between tries, for
+# stopping; 429: the key's rate limit) is asked again, waiting 1, 2, then 4 s between tries, for
 # at most RETRY_FOR_S in all; only then is the refusal its answer. Recorded at once, a replica's
 # restart would fail every line run meanwhile, and a killed server's last answers would be these.
 RETRY_STATUS = (429, 503)
@@ -181,7 +181,7 @@ class BatchRunner:
                 return failed, output
             log.warning("batches: line %r refused for now; asking again in %.0f s", line.custom_id, pause)
             await asyncio.sleep(pause)
-            waited, pause = waited + pause, min(2 * pause, 16.0)
+            waited, pause = waited + pause, min(2 * pause, 4.0)
 
     async def _end(self, owner: str, batch: dict, status: str, expect: tuple[str, ...]) -> None:
         """Write the output and error files of what was answered, and the batch's final status."""
