@@ -11,12 +11,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.api.disconnects import CancelOnDisconnect
+from app.api.lora_table import LoraTable
+from app.api.model_table import ModelTable
 from app.api.pipeline import Pipeline
 from app.api.server import build_api
 from app.api.stream_mux import StreamMux
 from app.config import AppConfig
-from deployments.adapters import LoraTable
-from deployments.router import ModelTable
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=512)

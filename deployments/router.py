@@ -1,4 +1,5 @@
-"""The router: which model deployment a request goes to, and which replica of it.
+"""The router: which replica of a model deployment a request goes to (which deployment is the model
+table's answer, app/api/model_table.py).
 
 Neither decision is a Ray hop. The model table is a dict in the ingress, and the replica choice is
 a Ray Serve `RequestRouter` that runs inside the caller's handle: the ingress asks it once per
@@ -24,45 +25,10 @@ import time
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
 from app import metrics
-from app.api.errors import model_not_found
 from app.api.protocol import PreparedRequest
 from app.api.stream_mux import ChannelOpen
-from deployments.adapters import LoraTable, Target
 
 PREFIX_TOKENS = 16  # = the engine's default block size: one cached block's worth
-
-
-class ModelTable:
-    """Maps every served id (name or alias) to its model deployment's handle, and ids that name a LoRA
-    adapter (`<base>:<adapter>`, or the adapter's own name) to the base model and that adapter."""
-
-    def __init__(self, names: dict[str, list[str]], handles: dict, lora: LoraTable | None = None):
-        self.handles = handles
-        self.ids = {alias: name for name, aliases in names.items() for alias in [name, *aliases]}
-        self.lora = lora
-
-    def resolve(self, model: str) -> str:
-        name = self.ids.get(model)
-        if name is None:
-            raise model_not_found(model)
-        return name
-
-    async def target(self, model: str) -> Target:
-        """The base model and adapter `model` names; 404 when it names neither."""
-        if (name := self.ids.get(model)) is not None:
-            return Target(name)
-        if self.lora is None:
-            raise model_not_found(model)
-        base, colon, adapter = model.rpartition(":")
-        if colon and base in self.ids:
-            return await self.lora.resolve(model, adapter, self.ids[base])
-        return await self.lora.resolve(model, model)
-
-    def handle(self, name: str, lora: str | None = None):
-        """The deployment's handle; with an adapter's key, Serve's multiplexing carries the key, so the
-        router (below) sees it and the replica's cache is keyed by it."""
-        handle = self.handles[name]
-        return handle if lora is None else handle.options(multiplexed_model_id=lora)
 
 
 def _score(replica_id: str, key: bytes) -> bytes:

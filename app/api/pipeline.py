@@ -17,13 +17,13 @@ from app import access_log
 from app.api.errors import ConduitError, invalid
 from app.api.faults import bounded, bounded_iter
 from app.api.input_limits import cap_max_tokens, check_embedding_request, check_generate
+from app.api.lora_table import Target, load_at_runtime, unload_at_runtime
+from app.api.model_table import ModelTable
 from app.api.protocol import GenerateRequest, PreparedRequest
 from app.api.stream_mux import StreamMux
 from app.config import InputLimits
 from app.engine.engine import RequestOutput
 from app.limits import Reservation, current_call
-from deployments.adapters import Target, load_at_runtime, unload_at_runtime
-from deployments.router import ModelTable
 
 
 class Pipeline:

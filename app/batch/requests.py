@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from app.api.errors import ConduitError
+from app.api.lora_table import Target
 from app.api.protocol import GenerateRequest
 from app.api.server import validation_error
 from app.api.wire.embeddings import EmbeddingRequest
@@ -21,7 +22,6 @@ from app.api.wire.openai import ChatCompletionRequest, CompletionRequest, Respon
 from app.batch.lines import BatchLine, response_line
 from app.config import IngressConfig
 from app.engine.engine import RequestOutput
-from deployments.adapters import Target
 
 BODY_MODELS = {"chat": ChatCompletionRequest, "completion": CompletionRequest, "embedding": EmbeddingRequest}
 ID_PREFIX = {"chat": "chatcmpl-", "completion": "cmpl-"}

@@ -23,7 +23,7 @@ from app.engine.errors import RequestRejected
 from app.engine.lora import LoraAdapter, LoraError, load_adapter
 
 if TYPE_CHECKING:
-    from deployments.adapters import Target
+    from app.api.lora_table import Target
 
 FLUSH_LINES = 32  # finished lines handed back to Ray Data at once (or after FLUSH_S)
 FLUSH_S = 1.0
@@ -59,9 +59,9 @@ class BatchWorker:
         import ray
         import torch
 
+        from app.api.lora_table import LoraTable
+        from app.api.model_table import ModelTable
         from app.loading import build_engine, pick_device, resolved_engine_config
-        from deployments.adapters import LoraTable
-        from deployments.router import ModelTable
         from deployments.tokenizer import Tokenizer
 
         engine_config = offline_engine(resolved_engine_config(model))

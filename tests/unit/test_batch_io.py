@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from app.api.errors import ConduitError
+from app.api.model_table import ModelTable
 from app.batch.job import OutputFile, pending_count
 from app.batch.lines import Answered, BatchLine, LineError, answered, error_line, is_error, parse_line, pending
 from app.batch.requests import answer_line, refusal_line, to_request
@@ -19,7 +20,6 @@ from app.batch.source import JsonLines, decode, parquet_to_lines, split_lines
 from app.batch.target import find_target
 from app.config import PROJECT_ROOT
 from app.engine.engine import RequestOutput
-from deployments.router import ModelTable
 from tests.openapi_contract import validate
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

@@ -1,4 +1,4 @@
-"""Which base model and LoRA adapter a model id names (deployments/adapters.py, ModelTable.target), and
+"""Which base model and LoRA adapter a model id names (app/api/lora_table.py, ModelTable.target), and
 which paths a runtime load may read. No Ray: the table's configured and dynamic_path adapters."""
 
 import asyncio
@@ -6,9 +6,9 @@ import asyncio
 import pytest
 
 from app.api.errors import ConduitError
+from app.api.lora_table import LoraTable, Target, allowed_path, runtime_name
+from app.api.model_table import ModelTable
 from app.config import LoraConfig
-from deployments.adapters import LoraTable, Target, allowed_path, runtime_name
-from deployments.router import ModelTable
 
 
 def table(tmp_path) -> ModelTable:

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 
 from app.api.errors import ConduitError
+from app.api.model_table import ModelTable
 from app.api.protocol import PreparedRequest
-from deployments.router import ModelTable, PrefixAffinityRouter
+from deployments.router import PrefixAffinityRouter
 
 
 def test_model_table_resolves_names_and_aliases():

@@ -1,4 +1,4 @@
-"""vLLM's runtime LoRA API: POST /v1/load_lora_adapter and /v1/unload_lora_adapter (deployments/adapters.py
+"""vLLM's runtime LoRA API: POST /v1/load_lora_adapter and /v1/unload_lora_adapter (app/api/lora_table.py
 does the work). Like every route they need an API key when keys are configured; errors take OpenAI's shape."""
 
 from __future__ import annotations
