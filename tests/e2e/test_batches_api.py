@@ -18,7 +18,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.e2e.variants import call_deployment, deploy, model_args
+from tests.e2e.variants import deploy, kill_replica_once_generating, model_args
 
 pytestmark = pytest.mark.e2e
 MODEL = "batch-demo"
@@ -251,25 +251,13 @@ def test_an_embeddings_batch_answers_as_the_embeddings_route(app):
 def test_a_lost_model_replica_fails_no_line(app):
     """The model replica killed mid-generation, as a crash would: Serve starts another, and the lines
     it was generating (503 replica_unavailable) or that run meanwhile are asked again, not failed."""
-    import ray
 
     client = sdk(app)
     prompts = {f"crash-{i}": f"A long story about {i}" for i in range(8)}
     lines = [chat_line(cid, text, max_tokens=64) for cid, text in prompts.items()]
     batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
-    deadline, started = time.monotonic() + 60, None
-    while True:  # 2 more KV blocks in use: both lines in flight have generated tokens the ingress has seen
-        stats = call_deployment("batches", f"Model-{MODEL}", "stats")
-        if stats["num_running"] and started is None:
-            started = stats["kv_blocks_used"]
-        if started is not None and stats["kv_blocks_used"] >= started + 2:
-            break
-        assert time.monotonic() < deadline, "the batch's lines never started generating"
-        time.sleep(0.02)
-    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-               if a["name"].startswith(f"SERVE_REPLICA::batches#Model-{MODEL}#")]
-    ray.kill(ray.get_actor(name, namespace="serve"))
+    kill_replica_once_generating("batches", f"Model-{MODEL}", blocks=2, within_s=60)  # both lines in flight
     assert client.batches.retrieve(batch.id).request_counts.completed < 8, "the batch ended before the kill"
     batch = wait_ended(client, batch.id, 150)
     assert batch.status == "completed", batch

@@ -8,13 +8,12 @@ scales to zero."""
 import hashlib
 import secrets
 import threading
-import time
 
 import boto3
 import pytest
 from botocore.config import Config
 
-from tests.e2e.variants import call_deployment, deploy, model_args
+from tests.e2e.variants import deploy, kill_replica_once_generating, model_args
 
 pytestmark = pytest.mark.e2e
 APP = "bedrock-keyed"
@@ -80,27 +79,6 @@ def test_wrong_key_raises_access_denied(keyed, streaming):
         converse(bedrock, streaming)
 
 
-def kill_model_replica_when_generating() -> None:
-    """Once the model replica has generated a few dozen tokens, kill its process, as a crash would.
-    Not sooner: a request whose replica is lost before its first delta reached the ingress is sent
-    again (app/api/stream_mux.py), so only a loss after it is the client's error."""
-    import ray
-
-    deadline = time.monotonic() + 30
-    started = None
-    while True:
-        stats = call_deployment(APP, MODEL_DEPLOYMENT, "stats")
-        if stats["num_running"] and started is None:
-            started = stats["kv_blocks_used"]
-        if started is not None and stats["kv_blocks_used"] >= started + 3:  # 3 more KV blocks: 48 tokens
-            break
-        assert time.monotonic() < deadline, "the request never generated its first tokens"
-        time.sleep(0.05)
-    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-               if a["name"].startswith(f"SERVE_REPLICA::{APP}#{MODEL_DEPLOYMENT}#")]
-    ray.kill(ray.get_actor(name, namespace="serve"))
-
-
 def test_replica_lost_mid_request_raises_model_not_ready(keyed):
     bedrock = bedrock_client(keyed, KEYS["killed"])
     outcome = {}
@@ -113,7 +91,7 @@ def test_replica_lost_mid_request_raises_model_not_ready(keyed):
 
     caller = threading.Thread(target=call)
     caller.start()
-    kill_model_replica_when_generating()
+    kill_replica_once_generating(APP, MODEL_DEPLOYMENT, blocks=3, within_s=30)  # 48 tokens
     caller.join(timeout=60)
     assert isinstance(outcome.get("error"), bedrock.exceptions.ModelNotReadyException), outcome
     assert "replica serving this request failed" in str(outcome["error"])
@@ -125,7 +103,7 @@ def test_replica_lost_mid_stream_is_a_service_unavailable_event(keyed):
     bedrock = bedrock_client(keyed, KEYS["killed-stream"])
     events = bedrock.converse_stream(modelId=MODEL, messages=MESSAGES, inferenceConfig=LONG)["stream"]
     assert next(iter(events)) == {"messageStart": {"role": "assistant"}}  # the 200 and the stream's start
-    kill_model_replica_when_generating()
+    kill_replica_once_generating(APP, MODEL_DEPLOYMENT, blocks=3, within_s=30)  # 48 tokens
     with pytest.raises(EventStreamError, match="serviceUnavailableException") as raised:
         for _ in events:
             pass

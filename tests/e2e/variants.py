@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from ray import serve
 from ray.serve import Application
@@ -68,3 +69,23 @@ def call_deployment(app: str, deployment: str, method: str, *args):
 def model_args(model_path: str, model: str, **engine) -> dict:
     return {"name": model, "source": model_path,
             "engine": {"max_num_seqs": 4, "max_model_len": 256, "stream_interval_s": 0.005, **engine}}
+
+
+def kill_replica_once_generating(app: str, deployment: str, blocks: int, within_s: float) -> None:
+    """Once the deployment's one replica has filled `blocks` more KV blocks than when its first sequence
+    ran (tokens that have reached the ingress), kill its process, as a crash would. Not sooner: a
+    request whose replica is lost before its first delta is sent again (app/api/stream_mux.py)."""
+    import ray
+
+    deadline, started = time.monotonic() + within_s, None
+    while True:
+        stats = call_deployment(app, deployment, "stats")
+        if stats["num_running"] and started is None:
+            started = stats["kv_blocks_used"]
+        if started is not None and stats["kv_blocks_used"] >= started + blocks:
+            break
+        assert time.monotonic() < deadline, f"{deployment} never generated {blocks} blocks' worth of tokens"
+        time.sleep(0.02)
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")]
+    ray.kill(ray.get_actor(name, namespace="serve"))
