@@ -68,8 +68,8 @@ def read_input(data: bytes, endpoint: str) -> Parsed:
     return Parsed(lines, errors)
 
 
-async def answer(pipeline: Pipeline, line: BatchLine) -> tuple[bool, str]:
-    """(whether it failed, its output line): the route's answer or refusal, never an exception."""
+async def answer(pipeline: Pipeline, line: BatchLine) -> tuple[int, str]:
+    """(its status code, its output line): the route's answer or refusal, never an exception."""
     kind = ENDPOINTS[line.url]
     request_id = uuid.uuid4().hex
     try:
@@ -83,9 +83,10 @@ async def answer(pipeline: Pipeline, line: BatchLine) -> tuple[bool, str]:
             result = await respond(pipeline, request_id, kind, body)
         if isinstance(result, JSONResponse):
             result = json.loads(result.body)
-        return False, response_line(line.custom_id, 200, request_id, result)
+        return 200, response_line(line.custom_id, 200, request_id, result)
     except Exception as e:  # CancelledError is no Exception: a cancelled batch leaves the line unanswered
-        return True, refusal_line(line.custom_id, stream_failure(e), request_id)
+        err = stream_failure(e)
+        return err.status, refusal_line(line.custom_id, err, request_id)
 
 
 def _body(kind: str, raw: dict):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 import logging
 import time
 import uuid
@@ -174,11 +173,12 @@ class BatchRunner:
             await asyncio.gather(*workers, return_exceptions=True)
 
     async def _answer(self, line) -> tuple[bool, str]:
+        """(whether it failed, its output line), asked again while it is refused only for now."""
         waited, pause = 0.0, 1.0
         while True:
-            failed, output = await answer(self.pipeline, line)
-            if not failed or waited >= RETRY_FOR_S or json.loads(output)["response"]["status_code"] not in RETRY_STATUS:
-                return failed, output
+            status, output = await answer(self.pipeline, line)
+            if status not in RETRY_STATUS or waited >= RETRY_FOR_S:
+                return status != 200, output
             log.warning("batches: line %r refused for now; asking again in %.0f s", line.custom_id, pause)
             await asyncio.sleep(pause)
             waited, pause = waited + pause, min(2 * pause, 4.0)
