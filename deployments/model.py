@@ -146,10 +146,7 @@ class Model:
         sequences here, running and waiting, in brackets of half a batch, for the keys with one or
         more: a flooding key spreads over the replicas. Brackets, not counts: Serve broadcasts every
         change to every router, so the stats change only when a key's load moves by half a batch."""
-        load = self.engine.engine.scheduler.load()
-        by_key = dict(load["waiting_by_key"])
-        for tenant, running in load["running_by_key"].items():
-            by_key[tenant] = by_key.get(tenant, 0) + running
+        by_key = dict(self.engine.engine.scheduler.tenant_work)  # a copy: the engine thread changes it
         bracket = max(1, self.config.max_num_seqs // 2)
         return {"key_brackets": {tenant: n // bracket for tenant, n in by_key.items() if tenant and n >= bracket}}
 
