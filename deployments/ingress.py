@@ -19,7 +19,11 @@ from app.api.stream_mux import StreamMux
 from app.config import AppConfig
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=512)
+# graceful_shutdown_timeout_s: a replaced ingress must outwait the streams it carries, which the model
+# replicas may take their own graceful_shutdown_timeout_s (30 s) to finish; Ray's default, 20 s, cut
+# them mid-body on a redeploy
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=512,
+                  graceful_shutdown_timeout_s=45)
 @serve.ingress()
 class Ingress:
     def __init__(self, config: AppConfig, tokenizer: DeploymentHandle, models: dict[str, DeploymentHandle],

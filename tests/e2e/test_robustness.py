@@ -26,6 +26,9 @@ OPTIONS = {
                        "health_check_period_s": 1, "graceful_shutdown_wait_loop_s": 0.2,
                        "graceful_shutdown_timeout_s": 30},
     "Ingress": {"max_ongoing_requests": 1000},
+    # Serve stops a one-replica deployment before its replacement is up: with two, a redeploy
+    # replaces one at a time and a call the old ingress holds still finds a tokenizer
+    "Tokenizer": {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}},
 }
 
 

@@ -161,3 +161,18 @@ def test_generated_manifest_reflects_a_changed_config():
     changed = cluster_serve_config({**SERVE_CONFIG, "proxy_location": "EveryNode"})
     manifest = next(yaml.safe_load_all(rayservice_manifest(changed)))
     assert yaml.safe_load(manifest["spec"]["serveConfigV2"])["proxy_location"] == "EveryNode"
+
+
+def test_the_ingress_outwaits_the_model_replicas_on_shutdown():
+    """A stream passes through an ingress replica and a model replica: on a redeploy the ingress must
+    outlast the model's drain, or it is stopped with the stream's body half sent."""
+    from deployments.ingress import Ingress
+    from deployments.model import Model
+
+    def timeout(deployment) -> float:
+        return deployment._deployment_config.graceful_shutdown_timeout_s
+
+    assert timeout(Ingress) > timeout(Model)
+    configured = {d["name"]: d for app in SERVE_CONFIG["applications"] for d in app["deployments"]}
+    model = next(d for name, d in configured.items() if name.startswith("Model-"))
+    assert configured["Ingress"]["graceful_shutdown_timeout_s"] > model["graceful_shutdown_timeout_s"]
