@@ -23,8 +23,8 @@ fixed size (grown by doubling when outgrown), so a runner compiles twice per til
 no more; it does that at start-up. Two limits of torch 2.13's CPU template shaped this file: it
 does not compile a dynamic-size tensor captured by `mask_mod` (hence fixed-size buffers), and its
 decoding variant for one query per batch entry scans the whole pool per query (hence one batch
-entry holding every query). CUDA is written to the same design but not yet run (no GPU here):
-bench/gpu_check.py checks it against `generate`; the KV block size must be a multiple of 16 there.
+entry holding every query). On CUDA (checked on one H200, torch 2.11, with bench/gpu_check.py:
+greedy tokens equal `generate` in float32) the KV block size must be a multiple of 16.
 """
 
 from __future__ import annotations
@@ -156,14 +156,16 @@ class PagedKVCache:
         own = tile_tables[np.arange(tiles)[:, None], np.minimum(full[:, None] + np.arange(reach), width - 1)]
         self._qpos[: len(qpos)].copy_(torch.from_numpy(qpos))
         self._tables[: rows * self._width].view(rows, self._width)[:tiles, :width].copy_(torch.from_numpy(tile_tables))
-        self._partial[: rows * reach].view(rows, reach)[:tiles].copy_(torch.from_numpy(own))
+        self._partial[: rows * self._width].view(rows, self._width)[:tiles, :reach].copy_(torch.from_numpy(own))
         self._logical_device[:n].copy_(torch.from_numpy(self._logical))
         partial_count, full_count = (torch.from_numpy(c.astype(np.int32)).view(1, 1, tiles).to(self.device)
                                      for c in (partial, full))
         # [1, 1, tiles, num_blocks] views of small buffers: the kernel reads only each tile's first
-        # `count` entries, but wants the last dim to span the pool (rows then overlap, harmlessly)
+        # `count` entries, but wants the last dim to span the pool (rows then overlap, harmlessly).
+        # Both with one row stride: torch 2.11's Triton kernel reads the full blocks' table with the
+        # partial one's strides (on an H200, every query past the first KV block came out wrong)
         full_idx = self._tables.as_strided((1, 1, tiles, n), (0, 0, self._width, 1))
-        partial_idx = self._partial.as_strided((1, 1, tiles, n), (0, 0, reach, 1))
+        partial_idx = self._partial.as_strided((1, 1, tiles, n), (0, 0, self._width, 1))
         return BlockMask.from_kv_blocks(partial_count, partial_idx, full_count, full_idx,
                                         BLOCK_SIZE=(tile, self.block_size), mask_mod=self._mask_mod,
                                         seq_lengths=(len(qpos), n * self.block_size), compute_q_blocks=False)
@@ -175,13 +177,13 @@ class PagedKVCache:
         """(Re)allocate the mask's buffers for `rows` query rows of `width` blocks, doubling: a new
         size means a new compilation, so it must be rare."""
         self._rows = 1 << (rows - 1).bit_length()
-        self._width = 1 << (width - 1).bit_length()
+        self._width = max(1 << (width - 1).bit_length(), 1 << (self._reach(MAX_TILE) - 1).bit_length())
         # the views _mask takes span the pool past the last row: room for the largest pool this serves,
         # so that no buffer's size depends on the pool's (engines of different sizes share compilations)
         device, span = self.device, len(self._logical_device)
         self._qpos = torch.full((self._rows,), -1, dtype=torch.long, device=device)
         self._tables = torch.zeros(self._rows * self._width + span, dtype=torch.int32, device=device)
-        self._partial = torch.zeros(self._rows * self._reach(MAX_TILE) + span, dtype=torch.int32, device=device)
+        self._partial = torch.zeros(self._rows * self._width + span, dtype=torch.int32, device=device)
         # Static sizes: a grown buffer then compiles as a new static shape. Left to dynamo's automatic
         # dynamic shapes, it would add size symbols (ks10, ks11, ...) that torch 2.13's CPU
         # FlexAttention template corrupts (its textual replace of "ks1" also rewrites "ks10": a C++
