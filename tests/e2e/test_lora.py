@@ -286,9 +286,13 @@ def test_hostile_adapters_are_clear_4xx_and_the_replicas_keep_serving(app, adapt
 
 
 def test_lora_metrics(app, server):
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # Ray exports replica metrics every few seconds; slower on a loaded machine
     while True:
-        text = httpx.get(f"{server}/metrics", timeout=10).text
+        try:
+            text = httpx.get(f"{server}/metrics", timeout=30).text
+        except httpx.TimeoutException:  # a scrape of the whole cluster, slow under load (CI: > 10 s once)
+            assert time.monotonic() < deadline, "GET /metrics kept timing out"
+            continue
         info = [line for line in text.splitlines()
                 if line.startswith("vllm:lora_requests_info{") and f'model_name="{MODEL}"' in line]
         loads = [line for line in text.splitlines()

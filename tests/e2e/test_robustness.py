@@ -189,7 +189,10 @@ def test_killed_model_replica_ends_every_stream_and_is_replaced(small):
 
     async def run():
         async with httpx.AsyncClient(timeout=DEADLINE_S + 10) as http:
-            streams = [asyncio.create_task(read_stream(http, url, chat(200, stream=True))) for _ in range(16)]
+            # 120 tokens: still generating at the kill, and the 12 the live replica then holds (its 8
+            # and the dead one's 4 not yet started, sent again) finish within the deadline on a loaded
+            # machine (200 once took 30 s there: deadline_exceeded)
+            streams = [asyncio.create_task(read_stream(http, url, chat(120, stream=True))) for _ in range(16)]
             await asyncio.sleep(1.0)  # every stream admitted and generating
             os.kill(pids[0], signal.SIGKILL)
             after = await asyncio.gather(*(http.post(url, json=chat(8)) for _ in range(4)))
