@@ -66,25 +66,7 @@ def generate_reference(model, requests) -> dict[str, list[int]]:
     return outputs
 
 
-def make_adapters(model_path: str, root: Path, count: int) -> list[Path]:
-    """`count` peft LoRA adapters of the model, rank 8 on every projection, random non-zero weights."""
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dirs = []
-    for i in range(count):
-        torch.manual_seed(i)
-        base = AutoModelForCausalLM.from_pretrained(model_path)
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets,
-                                                          init_lora_weights=False))
-        model.save_pretrained(root / f"a{i}")
-        dirs.append(root / f"a{i}")
-    return dirs
-
-
-def lora_check(args, requests, root: Path, dtype) -> tuple[float, int]:
+def lora_check(args, requests, root: Path) -> tuple[float, int]:
     """(output tok/s, requests equal to peft's merged model) with request i on adapter i % 4."""
     import peft
     import torch
@@ -93,12 +75,14 @@ def lora_check(args, requests, root: Path, dtype) -> tuple[float, int]:
     from app.config import LoraConfig
     from app.engine.lora import load_adapter
     from app.loading import build_engine
+    from bench.lora import make_adapters  # rank 8 on every projection, random non-zero weights
 
     dirs = make_adapters(args.model, root, 4)
     config = ModelConfig(name="check", source=args.model, lora=LoraConfig(max_adapters_per_replica=4, max_rank=8),
                          engine={"max_num_seqs": args.requests, "max_model_len": 1024, "dtype": args.dtype,
                                  "device": args.device})
     engine = build_engine(config, args.device)
+    dtype = next(engine.model.parameters()).dtype  # the merged reference runs in the engine's dtype
     loaded = [load_adapter(f"a{i}", str(d), engine.model, 8) for i, d in enumerate(dirs)]
     adapter_of = {rid: i % len(dirs) for i, rid in enumerate(requests)}
     outputs, throughput = run(engine, requests, {rid: loaded[i] for rid, i in adapter_of.items()})
@@ -166,9 +150,7 @@ def main() -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory() as root:
-        auto = "bfloat16" if args.device == "cuda" else "float32"  # the engine's (app/loading.py)
-        dtype = getattr(torch, auto if args.dtype == "auto" else args.dtype)
-        throughput, lora_same = lora_check(args, requests, Path(root), dtype)
+        throughput, lora_same = lora_check(args, requests, Path(root))
     print(f"\n{args.model}: {args.requests} requests x {args.max_tokens} tokens, greedy, dtype {args.dtype}, {gpus} GPU(s) "
           f"({torch.cuda.get_device_name(0) if args.device == 'cuda' else 'CPU'})\n")
     print(f"1 GPU engine vs transformers generate: {generate_same}/{len(requests)} requests token for token\n")
