@@ -11,7 +11,7 @@ from ray.serve.schema import LoggingConfig
 
 from app.config import parse_app_config
 from app.demo_model import build_demo_model
-from app.resources import check_live_cluster, replica_options, uses_gpu
+from app.resources import check_live_cluster, max_ongoing_requests, replica_options, uses_gpu
 from deployments.embedder import Embedder
 from deployments.ingress import Ingress
 from deployments.lora_registry import LoraRegistry
@@ -40,6 +40,7 @@ def build_app(args: dict) -> Application:
                 request_router_kwargs={"busy_queue_len": m.engine.max_num_seqs},
                 # each replica's load per API key (Model.record_routing_stats), for fair share
                 request_routing_stats_period_s=1.0),
+            max_ongoing_requests=max_ongoing_requests(m.engine),
             logging_config=logs,
             **replica_options(m, uses_gpu(m, cluster_gpus)),
         ).bind(m)

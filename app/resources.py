@@ -13,11 +13,23 @@ from __future__ import annotations
 
 import os
 
-from app.config import AppConfig, ConfigError, ModelConfig
+from app.config import AppConfig, ConfigError, EngineConfig, ModelConfig
+from app.engine.scheduler import borrowed_slots
 
 # Autoscaling clusters may start a big enough node only when the placement group asks for it; set
 # this to skip the live-node check there (the static checks still run).
 ALLOW_PENDING_NODES_ENV = "CONDUIT_ALLOW_PENDING_NODES"
+# calls a model replica holds for stream channels: one per ingress replica streaming from it
+# (app/api/stream_mux.py); room for 16 ingress replicas
+STREAM_CHANNELS = 16
+
+
+def max_ongoing_requests(engine: EngineConfig) -> int:
+    """The calls a model replica must take for its engine's own queue to be the one that fills: the
+    running sequences (borrowed slots included), up to twice `max_waiting` waiting, and the stream
+    channels. Below that, the excess waits in Serve's queue at the ingress, which is first come,
+    first served for every API key, so one key's flood could lock the others out (docs/qos.md)."""
+    return engine.max_num_seqs + borrowed_slots(engine.max_num_seqs) + 2 * engine.max_waiting + STREAM_CHANNELS
 
 
 def uses_gpu(model: ModelConfig, cluster_gpus: float) -> bool:
@@ -44,27 +56,43 @@ def _field(index: int, model: ModelConfig) -> str:
 
 
 def check_deployment_options(config: AppConfig, deployments: list[dict]) -> None:
-    """Static: the deployment options in serve_config.yaml (which replace the derived
-    `ray_actor_options` wholesale) must leave room for what the engine config asks."""
+    """Static: the deployment options in serve_config.yaml (which replace the derived ones) must leave
+    room for what the engine config asks: its devices, and the requests it may hold."""
     by_name = {d.get("name"): d for d in deployments}
     problems = []
     for i, model in enumerate(config.models):
-        actor = (by_name.get(model.deployment_name) or {}).get("ray_actor_options")
-        if actor is None:
-            continue
-        engine = model.engine
-        if engine.tensor_parallel_size > 1:
-            if actor.get("num_gpus", 0) > 0:
-                problems.append(f"{_field(i, model)}: {model.deployment_name}.ray_actor_options must not ask for "
-                                "GPUs: each tensor-parallel rank's worker holds one, in its own bundle")
-            if actor.get("num_cpus", 1) > (engine.num_threads or 1):
-                problems.append(f"{_field(i, model)}: {model.deployment_name}.ray_actor_options.num_cpus must fit in "
-                                f"bundle 0, which has engine.num_threads or 1 = {engine.num_threads or 1} CPU")
-        elif engine.num_devices > 1 and actor.get("num_gpus", 0) < engine.num_devices:
-            problems.append(f"{_field(i, model)}: {engine.num_devices} devices need "
-                            f"{model.deployment_name}.ray_actor_options.num_gpus: {engine.num_devices}")
+        options = by_name.get(model.deployment_name) or {}
+        problems += _actor_problems(i, model, options.get("ray_actor_options"))
+        needed = max_ongoing_requests(model.engine)
+        if options.get("max_ongoing_requests", needed) < needed:
+            engine = model.engine
+            problems.append(
+                f"{model.deployment_name}.max_ongoing_requests: {options['max_ongoing_requests']} is below what "
+                f"args.models[{i}].engine may hold, {needed} = max_num_seqs {engine.max_num_seqs} + "
+                f"{borrowed_slots(engine.max_num_seqs)} borrowed slots + 2 x max_waiting {engine.max_waiting} + "
+                f"{STREAM_CHANNELS} stream channels: past it requests wait in Serve's queue, which is first come, "
+                "first served for every API key (docs/qos.md); leave it out to get that value")
     if problems:
         raise ConfigError("invalid Conduit config:\n  " + "\n  ".join(problems))
+
+
+def _actor_problems(index: int, model: ModelConfig, actor: dict | None) -> list[str]:
+    if actor is None:
+        return []
+    engine, field = model.engine, _field(index, model)
+    if engine.tensor_parallel_size > 1:
+        problems = []
+        if actor.get("num_gpus", 0) > 0:
+            problems.append(f"{field}: {model.deployment_name}.ray_actor_options must not ask for "
+                            "GPUs: each tensor-parallel rank's worker holds one, in its own bundle")
+        if actor.get("num_cpus", 1) > (engine.num_threads or 1):
+            problems.append(f"{field}: {model.deployment_name}.ray_actor_options.num_cpus must fit in "
+                            f"bundle 0, which has engine.num_threads or 1 = {engine.num_threads or 1} CPU")
+        return problems
+    if engine.num_devices > 1 and actor.get("num_gpus", 0) < engine.num_devices:
+        return [f"{field}: {engine.num_devices} devices need "
+                f"{model.deployment_name}.ray_actor_options.num_gpus: {engine.num_devices}"]
+    return []
 
 
 def check_fits_cluster(config: AppConfig, nodes: list[dict], cluster_gpus: float) -> None:

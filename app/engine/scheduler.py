@@ -7,12 +7,19 @@ Who is admitted first (docs/qos.md):
 - Fair share within a class: the API key (tenant) holding the fewest running slots per unit of
   weight goes next, so slots, and each prefill step's token budget, are shared by weight among the
   keys that wait. One key's own sequences go by (priority, arrival).
+- Borrowed slots: when every slot is taken, a waiting sequence that is owed one (a better class
+  than one running, or its key below its share of the class's slots while another key is over its
+  own) is admitted at once into one of `max_num_seqs // 8` extra slots (at least 1), instead of
+  waiting for a preemption. The batch then shrinks back by attrition: no one else is admitted until
+  it is under `max_num_seqs` again. A sequence over the cap costs a decode step little, while a
+  preemption costs its victim a recompute and everyone a second prefill step.
 - Preemption: a running sequence loses its blocks and goes back to the queue, to be recomputed
   (from the prefix cache where it can). Causes: `kv_cache` (a running sequence needs a block and none
   is free: the worst class's newest sequence goes), `priority` (a sequence of a better class has
-  waited `preempt_after_s` with no room: a worse class's newest goes), `fair_share` (a key below its
-  share of its class's slots has waited as long: the newest of the key most over its share goes,
-  only while that key stays at or above its share, so two keys never trade a slot back and forth).
+  waited `preempt_after_s` with no room, borrowed slots included: a worse class's newest goes),
+  `fair_share` (a key below its share of its class's slots has waited as long: the newest of the key
+  most over its share goes, only while that key stays at or above its share, so two keys never trade
+  a slot back and forth).
 
 LoRA (docs/lora.md): a sequence with an adapter is admitted only with its adapter's slot pinned
 (app/engine/lora/slots.py), until it leaves the batch. When every slot is pinned by other adapters it
@@ -36,6 +43,11 @@ from app.qos import CLASSES
 PREEMPTION_CAUSES = ("kv_cache", "priority", "fair_share")
 
 
+def borrowed_slots(max_num_seqs: int) -> int:
+    """Slots over `max_num_seqs` that sequences owed a slot may borrow (see the module's docstring)."""
+    return max(1, max_num_seqs // 8)
+
+
 def _queue_order(seq: Sequence) -> tuple[int, int]:
     return seq.priority, seq.order
 
@@ -46,6 +58,7 @@ class Scheduler:
                  loras: LoraSlots | None = None):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
+        self.borrowed_slots = borrowed_slots(max_num_seqs)
         self.max_prefill_tokens = max_prefill_tokens
         self.weights = dict(weights or {})
         self.preempt_after_s = preempt_after_s
@@ -158,10 +171,12 @@ class Scheduler:
         over_budget: set[str] = set()  # tenants whose next prompt does not fit this step's budget
         no_slot: set[Sequence] = set()  # waiting for an adapter slot (every slot pinned by others)
         running = self._running_slots()
-        while len(self.running) < self.max_num_seqs:
+        while len(self.running) < self.max_num_seqs + self.borrowed_slots:
             seq = self._next_waiting(running, over_budget, no_slot)
             if seq is None or (admitted and admitted[0].scores_prompt):
                 break  # a prompt being scored prefills alone, in chunks (engine._prefill_scored)
+            if len(self.running) >= self.max_num_seqs and not self._owed_a_slot(seq, running):
+                break
             if admitted and (seq.num_tokens > budget or seq.scores_prompt):
                 over_budget.add(seq.tenant)
                 continue
@@ -204,12 +219,20 @@ class Scheduler:
             return
         if seq.lora is not None and not self.loras.can_acquire(seq.lora):
             return  # room would not admit it: it waits for a slot
-        while not (len(self.running) < self.max_num_seqs and self.blocks.can_allocate(seq.num_tokens)):
+        while not (len(self.running) < self._slots_for(seq, running) and self.blocks.can_allocate(seq.num_tokens)):
             victim, cause = self._victim_for(seq, running)
             if victim is None:
                 return
             self.preempt(victim, cause)
             running[victim.rank, victim.tenant] -= 1
+
+    def _owed_a_slot(self, seq: Sequence, running: Counter) -> bool:
+        """Whether `seq` could preempt someone for its slot: then it may borrow one instead."""
+        return self._victim_for(seq, running)[0] is not None
+
+    def _slots_for(self, seq: Sequence, running: Counter) -> int:
+        owed = self._owed_a_slot(seq, running)
+        return self.max_num_seqs + (self.borrowed_slots if owed else 0)
 
     def _victim_for(self, seq: Sequence, running: Counter) -> tuple[Sequence | None, str]:
         worse = [s for s in self.running if s.rank > seq.rank]

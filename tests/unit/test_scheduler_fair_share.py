@@ -83,12 +83,30 @@ def test_a_prefill_step_shares_its_token_budget_among_keys():
     assert is_prefill and [q.tenant for q in admitted].count("b") == 1 and len(admitted) == 4
 
 
+def test_a_better_class_borrows_a_slot_at_once_and_the_batch_shrinks_back():
+    s = scheduler(max_num_seqs=8)  # one borrowed slot (8 // 8)
+    for i in range(12):
+        s.add(seq(f"batch{i}", "x", priority=1, tokens=3 + i))
+    step(s)
+    s.add(seq("urgent", "y", priority=-1, tokens=20))
+    assert [q.request_id for q in step(s)] == ["urgent"], "admitted in the next step, with no wait"
+    assert len(s.running) == 9 and s.num_preemptions == 0
+    sizes = []
+    for _ in range(8):  # "batch" sequences finish one a step from now on, and more of them wait
+        step(s)
+        sizes.append(len(s.running))
+    back = sizes.index(8)
+    assert max(sizes) == 9 and max(sizes[back:]) == 8, f"none admitted until it is back under the cap: {sizes}"
+
+
 def test_a_waiting_better_class_preempts_a_worse_one_after_the_bound():
     clock = Clock()
     s = scheduler(max_num_seqs=2, clock=clock, preempt_after_s=0.5)
     for i in range(2):
         s.add(seq(f"batch{i}", "x", priority=1, tokens=1_000))
     step(s)
+    s.add(seq("urgent0", "y", priority=-1, tokens=8))
+    step(s)  # it takes the one borrowed slot
     s.add(seq("urgent", "y", priority=-1, tokens=5))
     step(s)
     assert s.num_preemptions == 0, "it has not waited past the bound yet"
@@ -102,17 +120,20 @@ def test_a_waiting_better_class_preempts_a_worse_one_after_the_bound():
     assert "batch1" in {q.request_id for q in s.running}, "recomputed once the better class left room"
 
 
-def test_a_key_below_its_share_preempts_the_key_over_it_once_and_no_more():
+def test_a_key_below_its_share_borrows_a_slot_then_preempts_the_key_over_it_once_and_no_more():
     clock = Clock()
     s = scheduler(max_num_seqs=4, clock=clock, preempt_after_s=0.1)
     for i in range(20):
         s.add(seq(f"a{i}", "a", tokens=1_000))
     step(s)
-    s.add(seq("b0", "b", tokens=30))
+    s.add(seq("b0", "b", tokens=1_000))
+    s.add(seq("b1", "b", tokens=30))
+    assert [q.request_id for q in step(s)] == ["b0"], "b0 borrows the one spare slot at once"
+    assert s.num_preemptions == 0
     step(s)
     clock.now = 1.0
-    assert [q.request_id for q in step(s)] == ["b0"]
-    assert s.preemptions["fair_share"] == 1 and Counter(q.tenant for q in s.running) == {"a": 3, "b": 1}
+    assert [q.request_id for q in step(s)] == ["b1"]
+    assert s.preemptions["fair_share"] == 1 and Counter(q.tenant for q in s.running) == {"a": 3, "b": 2}
     clock.now = 100.0  # every waiting "a" has waited long: still no trade back, "a" has its share
     for _ in range(20):
         step(s)
