@@ -31,6 +31,11 @@ log = logging.getLogger("ray.serve")
 STALL_LIMIT_S = 60.0  # a step that takes longer than this means the engine is stuck
 
 
+def key_bracket_size(max_num_seqs: int) -> int:
+    """Sequences per bracket of a key's load in the routing stats (record_routing_stats)."""
+    return max(1, max_num_seqs // 8)
+
+
 @serve.deployment(
     name="Model",
     ray_actor_options={"num_cpus": 1},
@@ -143,11 +148,12 @@ class Model:
 
     def record_routing_stats(self) -> dict:
         """For the router (Serve pulls it every request_routing_stats_period_s): each API key's
-        sequences here, running and waiting, in brackets of half a batch, for the keys with one or
-        more: a flooding key spreads over the replicas. Brackets, not counts: Serve broadcasts every
-        change to every router, so the stats change only when a key's load moves by half a batch."""
+        sequences here, running and waiting, in brackets of an eighth of a batch, for the keys with one
+        or more: each key's load spreads over the replicas, so each replica shares its slots by weight
+        among the same keys. Brackets, not counts: Serve broadcasts every change to every router, so
+        the stats change only when a key's load moves by a bracket (at most once a pull)."""
         by_key = dict(self.engine.engine.scheduler.tenant_work)  # a copy: the engine thread changes it
-        bracket = max(1, self.config.max_num_seqs // 2)
+        bracket = key_bracket_size(self.config.max_num_seqs)
         return {"key_brackets": {tenant: n // bracket for tenant, n in by_key.items() if tenant and n >= bracket}}
 
     async def stats(self) -> dict:

@@ -8,9 +8,9 @@ request, and the token stream then flows straight from the chosen replica to the
 Replica choice is prefix-affine: replicas are ranked by rendezvous hash of the prompt's first KV
 block, and the two best-ranked compete on queue length (power of two choices). Requests sharing a
 system prompt therefore land where that prefix is already cached, without piling onto one replica.
-Fair share across replicas: an API key's request is steered away from replicas where that key
-already holds at least half a batch more sequences than on others (each replica reports its load per
-key through Serve's routing stats, about once a second); within the same bracket prefix affinity decides.
+Fair share across replicas: an API key's request goes only to replicas where that key holds least,
+in brackets of an eighth of a batch (each replica reports its load per key through Serve's routing
+stats, about once a second); within the same bracket prefix affinity decides.
 A request for a LoRA adapter goes first to replicas that hold it (Serve's model multiplexing tells
 the router which), with the prefix order as tie-breaker, and to a less busy replica, which then loads
 it, when every holder is busy.
@@ -51,19 +51,29 @@ class PrefixAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         if isinstance(request, ChannelOpen):  # an ingress's stream channel goes to the replica it names
             named = [r for r in candidate_replicas if r.replica_id.unique_id == request.replica]
             return [named or candidate_replicas]
+        tenant = request.tenant if isinstance(request, PreparedRequest) else ""
         if isinstance(request, PreparedRequest):
             key = repr(request.prompt_ids[:PREFIX_TOKENS]).encode()
-            ranked = sorted(candidate_replicas, key=lambda r: (self._key_bracket(r, request.tenant),
+            ranked = sorted(candidate_replicas, key=lambda r: (self._key_bracket(r, tenant),
                                                                 _score(r.replica_id.unique_id, key)))
         else:
             ranked = random.sample(candidate_replicas, len(candidate_replicas))
         if isinstance(request, PreparedRequest) and request.lora is not None:
             ranks = self._adapter_ranks(ranked, request.lora)
-        else:  # best two compete on queue length; the rest are the fallback when both are full
-            ranks = [ranked[:2], ranked[2:]] if len(ranked) > 2 else [ranked]
+        else:
+            ranks = self._prefix_ranks(ranked, tenant)
         metrics.observe("conduit:router_latency_seconds", time.perf_counter() - started,
                         deployment=self._deployment_id.name)
         return ranks
+
+    def _prefix_ranks(self, ranked: list[RunningReplica], tenant: str) -> list[list[RunningReplica]]:
+        """The best two compete on queue length, the rest are the fallback when both are full; but only
+        replicas in the key's least-loaded bracket compete, so a key's load spreads over the replicas
+        even where queue lengths alone are even (two replicas: one full of A, the other of B)."""
+        least = self._key_bracket(ranked[0], tenant)
+        best = [r for r in ranked[:2] if self._key_bracket(r, tenant) == least]
+        rest = [r for r in ranked if r not in best]
+        return [best, rest] if rest else [best]
 
     def _adapter_ranks(self, ranked: list[RunningReplica], lora: str) -> list[list[RunningReplica]]:
         """Replicas holding the adapter (Serve's multiplexed model ids: loaded or loading) first, the
@@ -79,8 +89,8 @@ class PrefixAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     @staticmethod
     def _key_bracket(replica: RunningReplica, tenant: str) -> int:
         """The key's load on `replica` as last reported (Model.record_routing_stats), in brackets of
-        half a batch: small differences leave the prefix order alone. (A server without keys has one
-        tenant, "anonymous": there this spreads only a load that is half a batch out of balance.)"""
+        an eighth of a batch: small differences leave the prefix order alone. (A server without keys
+        has one tenant, "anonymous": there this spreads only a load that is out of balance.)"""
         return replica.routing_stats.get("key_brackets", {}).get(tenant, 0) if tenant else 0
 
     def _busy(self, replica: RunningReplica) -> bool:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from ray import serve
 
+from deployments.model import key_bracket_size
 from tests.e2e.variants import call_deployment, deploy, model_args
 
 pytestmark = pytest.mark.e2e
@@ -125,7 +126,7 @@ def test_a_flooding_key_fills_its_own_share_of_the_queue(fair):
         async with httpx.AsyncClient(timeout=120) as client:
             flood = Flood(client, fair, SLOTS + MAX_WAITING, 60, never)
             await wait_for_engine(SLOTS, MAX_WAITING)
-            # what the replica tells the router (its load per key, in brackets of half a batch)
+            # what the replica tells the router (its load per key, in brackets)
             routing = await asyncio.to_thread(call_deployment, APP, f"Model-{MODEL}", "record_routing_stats")
             refused = await client.post(f"{fair}/v1/completions", headers=auth("flood"), json=body(4))
             other = await client.post(f"{fair}/v1/completions", headers=auth("steady"), json=body(4))
@@ -133,7 +134,8 @@ def test_a_flooding_key_fills_its_own_share_of_the_queue(fair):
         return refused, other, routing
 
     refused, other, routing = asyncio.run(scenario())
-    assert routing == {"key_brackets": {key_id(KEYS["flood"]): (SLOTS + MAX_WAITING) // (SLOTS // 2)}}, routing
+    bracket = key_bracket_size(SLOTS)
+    assert routing == {"key_brackets": {key_id(KEYS["flood"]): (SLOTS + MAX_WAITING) // bracket}}, routing
     assert refused.status_code == 503 and "queue is full" in refused.json()["error"]["message"], refused.text
     assert other.status_code == 200, other.text
 

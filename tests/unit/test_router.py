@@ -38,7 +38,7 @@ def test_same_prefix_same_replicas_and_spread_otherwise():
 
 
 def test_a_keys_request_goes_where_that_key_holds_fewest_sequences():
-    """Fair share across replicas: replicas report each key's load in brackets of half a batch."""
+    """Fair share across replicas: replicas report each key's load in brackets of an eighth of a batch."""
     def replica(name, brackets):
         return SimpleNamespace(replica_id=SimpleNamespace(unique_id=name), routing_stats={"key_brackets": brackets})
 
@@ -55,3 +55,18 @@ def test_a_keys_request_goes_where_that_key_holds_fewest_sequences():
     assert first_choices("a", replicas) == {"free", "free2"}  # the two where "a" holds least compete on load
     assert first_choices("b", replicas) == {"flooded", "some", "free", "free2"}  # "b" has no load: prefix only
     assert first_choices("", replicas) == {"flooded", "some", "free", "free2"}  # no tenant (internal calls)
+
+
+def test_with_two_replicas_only_the_one_where_the_key_holds_less_competes():
+    """Two replicas both compete on queue length, which alone would let one fill with key "a" and the
+    other with "b" (even queues, and no fair share within either); the key's load decides first."""
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id="a-heavy"), routing_stats={"key_brackets": {"a": 2}}),
+                SimpleNamespace(replica_id=SimpleNamespace(unique_id="b-heavy"), routing_stats={"key_brackets": {"b": 2}})]
+    for p in range(20):
+        pending = SimpleNamespace(args=[PreparedRequest("r", "m", [p, p + 1] * 8, tenant="a")])
+        router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)
+        router._deployment_id = SimpleNamespace(name="Model-m")
+        first, fallback = asyncio.run(router.choose_replicas(replicas, pending))
+        assert [r.replica_id.unique_id for r in first] == ["b-heavy"]
+        assert [r.replica_id.unique_id for r in fallback] == ["a-heavy"]  # when that one is full
+    assert all(len(rank[0]) == 2 for rank in [choose([p] * 16, replicas) for p in range(20)])  # no tenant: both
