@@ -27,7 +27,9 @@ def _load_apps(config_path: Path) -> list[dict]:
     raw = yaml.safe_load(config_path.read_text())
     ServeDeploySchema.model_validate(raw)
     apps = raw.get("applications", [])
-    host = (raw.get("http_options") or {}).get("host", "127.0.0.1")  # Serve's default
+    # No host: Serve's default, loopback, but every interface in HAProxy mode (docs/haproxy-mode.md)
+    default_host = "0.0.0.0" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "127.0.0.1"
+    host = (raw.get("http_options") or {}).get("host") or default_host
     for app in apps:
         if app.get("import_path", "").startswith("app.build:"):
             config = parse_app_config(app.get("args") or {})

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.front import local_front_ports, local_haproxy_binary
 from app.qos import PriorityClass
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +24,23 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # That mode also holds replica log records back until 1000 have piled up; Conduit writes a few lines per
 # request (not per token), and an access log that lags by a thousand lines is no use to an operator.
 RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
+# Ray Serve's HAProxy mode as the front (docs/haproxy-mode.md): HAProxy in place of Ray's Python proxy,
+# routing to each Ingress replica's own port, cut the front's CPU per token ~10x. Not the default yet
+# (docs/haproxy-mode.md says what still fails through it); opt in with CONDUIT_FRONT=haproxy for local
+# runs and the tests, or add this to a cluster's Ray environment. Ray runs the haproxy binary named here,
+# Conduit's wrapper (app/front.py), which binds HAProxy's stats page and exporter to loopback and answers
+# "no replica" with a JSON 503; the path is where the cluster image installs it (cluster/Dockerfile checks).
+CLUSTER_HAPROXY_BINARY = "/home/ray/anaconda3/bin/conduit-haproxy"
+HAPROXY_FRONT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": CLUSTER_HAPROXY_BINARY}
 # A single-machine server (`conduit run`, the tests) has no load balancer that must first deregister a
 # stopping ingress, so the ingress need not hold its 30 s minimum draining period (it still finishes
-# every request in flight): Ctrl-C then stops in seconds. Clusters keep Ray's default.
+# every request in flight): Ctrl-C then stops in seconds. Clusters keep Ray's default. With the HAProxy
+# front, locally the wrapper is this environment's, and HAProxy's stats/exporter and the fallback proxy
+# get free ports, so that two servers (a `make run` and a `make test`) can share the machine.
 LOCAL_RAY_SERVE_ENV = {**RAY_SERVE_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+if os.environ.get("CONDUIT_FRONT") == "haproxy":
+    LOCAL_RAY_SERVE_ENV |= {**HAPROXY_FRONT_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": local_haproxy_binary(),
+                            **local_front_ports()}
 
 
 class Strict(BaseModel):

