@@ -116,7 +116,8 @@ class EngineConfig(Strict):
     num_devices: int = Field(1, ge=1, le=64, description="GPUs one replica holds when it uses device_map")
     preempt_after_s: float = Field(
         0.05, ge=0, le=3600, description="a waiting request of a better priority class, or of an API key below its "
-        "fair share of batch slots, preempts a running one (recomputed later) once it has waited this long"
+        "fair share of batch slots, borrows one of max_num_seqs // 8 spare slots at once; when those are taken it "
+        "preempts a running one (recomputed later) once it has waited this long (docs/qos.md)"
     )
     tenant_weights: dict[str, float] = Field(
         default_factory=dict, description="fair-share weight per API key id; filled from auth.keys (set weights there)"
