@@ -11,6 +11,10 @@ The rewrite, strict (a template it does not recognise is an error, not a server 
   where Ray's defaults would expose them; an operator who wants them reaches them on the node.
 - HAProxy's own 502/503/504 (no replica up, none reachable) become a 503 in OpenAI's error shape with
   Retry-After, like Conduit's other 503s (app/api/errors.py), in place of Ray's plain-text 500.
+- Ray's `option splice-request` / `option splice-response` go: with them HAProxy 2.8 passed a client's
+  close on to the Ingress for 0-8 of 32 non-streamed calls dropped at once (Ray's config, haproxy
+  alone, a plain backend), without them for 32 of 32 in each run; an Ingress that never hears of the
+  close keeps generating for nobody (tests/e2e/test_cancellation.py).
 
 The filtered config replaces Ray's file in place (written next to it, then renamed over it) rather than
 living beside it: Ray finds its haproxy processes by the config path in their command line (re-signalling
@@ -37,6 +41,7 @@ OWN_LISTENERS = {"frontend prometheus": re.compile(r"^(\s+bind )(?::|\*:)(\d+)\s
                  "listen stats": re.compile(r"^(\s+bind )(?::|\*:)(\d+)\s*$")}
 OPERATOR_LISTENERS = {"frontend http_frontend", "frontend grpc_frontend"}
 ERRORFILE = re.compile(r"^(\s+errorfile (502|503|504) )(\S+)\s*$")
+SPLICE = re.compile(r"^\s+option splice-(request|response)\s*$")
 SECTION = re.compile(r"^(global|defaults|frontend|backend|listen|peers|resolvers|userlist|program|cache|ring)\b")
 
 
@@ -82,6 +87,8 @@ def filter_config(text: str, error_page_path: str) -> str:
                 own_binds[section] += 1
             elif section not in OPERATOR_LISTENERS:
                 raise TemplateChanged(f"a listener this filter does not know: {section!r} {stripped!r}")
+        elif SPLICE.match(line):
+            line = f"    # {stripped}: dropped by conduit-haproxy (client closes must reach the Ingress)"
         elif stripped.startswith("errorfile "):
             match = ERRORFILE.match(line)
             if not match or section != "defaults" or match.group(2) in errorfiles:

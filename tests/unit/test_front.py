@@ -155,3 +155,10 @@ def test_the_cluster_image_installs_the_wrapper_where_the_env_names_it():
     assert HAPROXY_FRONT_ENV["RAY_SERVE_HAPROXY_BINARY_PATH"] == CLUSTER_HAPROXY_BINARY
     assert f'test "$(command -v conduit-haproxy)" = {CLUSTER_HAPROXY_BINARY}' in \
         (PROJECT_ROOT / "cluster" / "Dockerfile").read_text()
+
+
+def test_splicing_goes_so_a_clients_close_reaches_the_ingress(tmp_path):
+    path = render(tmp_path)
+    assert re.search(r"^\s+option splice-(request|response)$", path.read_text(), re.M)
+    front.filter_file(str(path))
+    assert not re.search(r"^\s+option splice", path.read_text(), re.M)
