@@ -27,6 +27,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -180,8 +181,24 @@ def local_haproxy_binary() -> str:
     return str(Path(sys.executable).with_name("conduit-haproxy"))
 
 
+def die_with_parent() -> None:
+    """haproxy gets SIGTERM (a hard stop) when the process that started it dies (Linux; kept across
+    exec). Ray's manager kills its haproxy when it stops, but a manager killed outright (a node torn
+    down, `kill -9`) left haproxy running with its ports: seen after a LocalCluster stop."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call
+        sys.exit("conduit-haproxy: the process that started haproxy is gone")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    die_with_parent()
     binary = real_haproxy()
     if "-f" in args:
         index = args.index("-f")

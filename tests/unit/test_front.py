@@ -162,3 +162,24 @@ def test_splicing_goes_so_a_clients_close_reaches_the_ingress(tmp_path):
     assert re.search(r"^\s+option splice-(request|response)$", path.read_text(), re.M)
     front.filter_file(str(path))
     assert not re.search(r"^\s+option splice", path.read_text(), re.M)
+
+
+def test_haproxy_stops_when_the_process_that_started_it_dies(tmp_path):
+    """A manager killed outright must not leave haproxy holding its ports."""
+    import time
+
+    path = render(tmp_path)
+    text = path.read_text()
+    for port in ("8000", "9101", "8404"):
+        text = text.replace(f":{port}\n", f":{front.free_port()}\n")
+    path.write_text(text)
+    wrapper = Path(sys.executable).with_name("conduit-haproxy")
+    parent = subprocess.run(["sh", "-c", f"{wrapper} -db -f {path} -dR >/dev/null 2>&1 & echo $!; sleep 3"],
+                            capture_output=True, text=True, timeout=60)
+    pid = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, 9)
+        pytest.fail("haproxy outlived the process that started it")
