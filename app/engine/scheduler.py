@@ -12,11 +12,13 @@ Who is admitted first (docs/qos.md):
   own) is admitted at once into one of `max_num_seqs // 8` extra slots (at least 1), instead of
   waiting for a preemption. The batch then shrinks back by attrition: no one else is admitted until
   it is under `max_num_seqs` again. A sequence over the cap costs a decode step little, while a
-  preemption costs its victim a recompute and everyone a second prefill step.
+  preemption costs its victim a recompute and everyone a second prefill step. When the borrowed
+  slots are taken, preemption (below) brings the batch back within `max_num_seqs`.
 - Preemption: a running sequence loses its blocks and goes back to the queue, to be recomputed
   (from the prefix cache where it can). Causes: `kv_cache` (a running sequence needs a block and none
   is free: the worst class's newest sequence goes), `priority` (a sequence of a better class has
-  waited `preempt_after_s` with no room, borrowed slots included: a worse class's newest goes),
+  waited `preempt_after_s` with the borrowed slots taken: a worse class's newest goes, until the
+  batch is within `max_num_seqs` again),
   `fair_share` (a key below its share of its class's slots has waited as long: the newest of the key
   most over its share goes, only while that key stays at or above its share, so two keys never trade
   a slot back and forth).
@@ -96,8 +98,8 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns (sequences, is_prefill)."""
         if self.num_waiting:
-            self._preempt_for_waiting()
-            admitted = self._admit()
+            preempted = self._preempt_for_waiting()
+            admitted = self._admit(borrow=not preempted)
             if admitted:
                 return admitted, True
         for seq in list(self.running):
@@ -166,12 +168,15 @@ class Scheduler:
         }
 
     # admission -----------------------------------------------------------------------------------
-    def _admit(self) -> list[Sequence]:
+    def _admit(self, borrow: bool) -> list[Sequence]:
+        """`borrow`: whether owed sequences may take borrowed slots (not in a step that preempted to
+        bring the batch back within the cap, or the slots just given back would be borrowed again)."""
         admitted, budget = [], self.max_prefill_tokens
+        cap = self.max_num_seqs + (self.borrowed_slots if borrow else 0)
         over_budget: set[str] = set()  # tenants whose next prompt does not fit this step's budget
         no_slot: set[Sequence] = set()  # waiting for an adapter slot (every slot pinned by others)
         running = self._running_slots()
-        while len(self.running) < self.max_num_seqs + self.borrowed_slots:
+        while len(self.running) < cap:
             seq = self._next_waiting(running, over_budget, no_slot)
             if seq is None or (admitted and admitted[0].scores_prompt):
                 break  # a prompt being scored prefills alone, in chunks (engine._prefill_scored)
@@ -212,27 +217,29 @@ class Scheduler:
         return None
 
     # preemption for a waiting sequence ---------------------------------------------------------------
-    def _preempt_for_waiting(self) -> None:
+    def _preempt_for_waiting(self) -> bool:
+        """Whether it preempted."""
         running = self._running_slots()
         seq = self._next_waiting(running, set())
         if seq is None or self.clock() - seq.waiting_since < self.preempt_after_s:
-            return
+            return False
         if seq.lora is not None and not self.loras.can_acquire(seq.lora):
-            return  # room would not admit it: it waits for a slot
-        while not (len(self.running) < self._slots_for(seq, running) and self.blocks.can_allocate(seq.num_tokens)):
+            return False  # room would not admit it: it waits for a slot
+        preempted = False
+        # down to the cap, not to the borrowed slots: a key over its share then gives back the slots that
+        # were borrowed from it, instead of keeping them until its sequences finish
+        while not (len(self.running) < self.max_num_seqs and self.blocks.can_allocate(seq.num_tokens)):
             victim, cause = self._victim_for(seq, running)
             if victim is None:
-                return
+                break
             self.preempt(victim, cause)
             running[victim.rank, victim.tenant] -= 1
+            preempted = True
+        return preempted
 
     def _owed_a_slot(self, seq: Sequence, running: Counter) -> bool:
         """Whether `seq` could preempt someone for its slot: then it may borrow one instead."""
         return self._victim_for(seq, running)[0] is not None
-
-    def _slots_for(self, seq: Sequence, running: Counter) -> int:
-        owed = self._owed_a_slot(seq, running)
-        return self.max_num_seqs + (self.borrowed_slots if owed else 0)
 
     def _victim_for(self, seq: Sequence, running: Counter) -> tuple[Sequence | None, str]:
         worse = [s for s in self.running if s.rank > seq.rank]

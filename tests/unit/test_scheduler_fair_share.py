@@ -113,14 +113,15 @@ def test_a_waiting_better_class_preempts_a_worse_one_after_the_bound():
     clock.now = 0.6
     admitted = step(s)
     assert [q.request_id for q in admitted] == ["urgent"]
-    assert s.preemptions == {"kv_cache": 0, "priority": 1, "fair_share": 0}
-    assert [q.request_id for q in s.queues[2]["x"]] == ["batch1"], "the newest of the worse class went back"
+    # back within the cap (2): the worse class's newest went back, then the next, for the borrowed slot
+    assert s.preemptions == {"kv_cache": 0, "priority": 2, "fair_share": 0}
+    assert [q.request_id for q in s.queues[2]["x"]] == ["batch0", "batch1"]
     for _ in range(10):
         step(s)
     assert "batch1" in {q.request_id for q in s.running}, "recomputed once the better class left room"
 
 
-def test_a_key_below_its_share_borrows_a_slot_then_preempts_the_key_over_it_once_and_no_more():
+def test_a_key_below_its_share_borrows_a_slot_then_preempts_the_key_over_it_to_its_share_and_no_more():
     clock = Clock()
     s = scheduler(max_num_seqs=4, clock=clock, preempt_after_s=0.1)
     for i in range(20):
@@ -133,11 +134,27 @@ def test_a_key_below_its_share_borrows_a_slot_then_preempts_the_key_over_it_once
     step(s)
     clock.now = 1.0
     assert [q.request_id for q in step(s)] == ["b1"]
-    assert s.preemptions["fair_share"] == 1 and Counter(q.tenant for q in s.running) == {"a": 3, "b": 2}
+    # back within the cap: "a" gave back the borrowed slot too, so each key has its share
+    assert s.preemptions["fair_share"] == 2 and Counter(q.tenant for q in s.running) == {"a": 2, "b": 2}
     clock.now = 100.0  # every waiting "a" has waited long: still no trade back, "a" has its share
     for _ in range(20):
         step(s)
-    assert s.num_preemptions == 1
+    assert s.num_preemptions == 2
+
+
+def test_weights_hold_when_the_light_key_filled_the_batch_first():
+    """Borrowed slots must not leave the over-share key holding them until its sequences finish."""
+    clock = Clock()
+    s = scheduler(max_num_seqs=32, clock=clock, weights={"heavy": 3, "light": 1})
+    for i in range(40):
+        s.add(seq(f"l{i}", "light", tokens=1_000))
+    step(s)
+    for i in range(40):
+        s.add(seq(f"h{i}", "heavy", tokens=1_000))
+    for _ in range(60):
+        clock.now += 0.03
+        step(s)
+    assert Counter(q.tenant for q in s.running) == {"heavy": 24, "light": 8}
 
 
 def test_a_key_at_its_share_waits_for_a_slot_instead_of_preempting():
