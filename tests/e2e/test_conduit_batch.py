@@ -24,7 +24,8 @@ pytestmark = pytest.mark.e2e
 CONDUIT = Path(sys.executable).with_name("conduit")
 MODEL = "conduit-demo"
 TOKENS = 8
-CHATS = 60  # chat lines in the job; with the completion and the 5 bad lines, 66 lines
+CHATS = 240  # chat lines in the job; with the completion and the 5 bad lines, 246 lines. Enough that the
+# first run cannot finish in the moment between its first written lines and its Ctrl-C (with 60 it once did)
 WORDS = "the quick brown fox jumps over a lazy dog while code runs on every node".split()
 
 
