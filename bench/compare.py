@@ -39,6 +39,7 @@ import httpx
 from app.bench import run_benchmark, synthetic_prompt
 from app.config import PROJECT_ROOT
 from app.demo_model import build_demo_model
+from app.front import free_port
 
 MODEL_DIR = PROJECT_ROOT / ".cache" / "demo-model"
 VENV_BIN = Path(sys.executable).parent
@@ -121,12 +122,6 @@ def port_busy(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
