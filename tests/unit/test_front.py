@@ -6,8 +6,10 @@ haproxy from starting."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from ray.serve.config import HTTPOptions, gRPCOptions
 from app import front
 
 
-def render(tmp_path: Path, host: str = "127.0.0.1", grpc: bool = False) -> Path:
+def render(tmp_path: Path, host: str = "127.0.0.1", grpc: bool = False, replica_port: int = 30000) -> Path:
     """The config Ray's HAProxyManager writes for one app with an Ingress replica and the fallback proxy."""
     grpc_options = gRPCOptions(port=9000, grpc_servicer_functions=["tests.nothing:add"]) if grpc else gRPCOptions()
     cfg = HAProxyConfig(http_options=HTTPOptions(host=host, port=8000), grpc_options=grpc_options,
@@ -27,7 +29,7 @@ def render(tmp_path: Path, host: str = "127.0.0.1", grpc: bool = False) -> Path:
     api = HAProxyApi(cfg=cfg, config_file_path=str(tmp_path / "haproxy.cfg"))
     api.backend_configs = {"conduit": BackendConfig(
         name="conduit", path_prefix="/", app_name="conduit", ingress_deployment_name="Ingress",
-        servers=[ServerConfig(name="replica-1", host="127.0.0.1", port=30000)],
+        servers=[ServerConfig(name="replica-1", host="127.0.0.1", port=replica_port)],
         fallback_server=ServerConfig(name="fallback", host="127.0.0.1", port=8500))}
     api._generate_config_file_internal()
     return Path(api.config_file_path)
@@ -183,3 +185,57 @@ def test_haproxy_stops_when_the_process_that_started_it_dies(tmp_path):
     if Path(f"/proc/{pid}").exists():
         os.kill(pid, 9)
         pytest.fail("haproxy outlived the process that started it")
+
+
+class KeepAliveReplica(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_reload_answers_a_request_sent_on_an_idle_kept_alive_connection(tmp_path):
+    """Ray reloads HAProxy on every replica change; the old process soft-stops. A client's request sent
+    on its idle keep-alive connection to that process must still get an answer (seen in a redeploy
+    under load: "Server disconnected without sending a response")."""
+    import socket
+    import threading
+    import time
+
+    replica = ThreadingHTTPServer(("127.0.0.1", front.free_port()), KeepAliveReplica)
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    path = render(tmp_path, replica_port=replica.server_address[1])
+    http_port = front.free_port()
+    text = path.read_text().replace("127.0.0.1:8000\n", f"127.0.0.1:{http_port}\n")
+    for port in ("9101", "8404"):
+        text = text.replace(f":{port}\n", f":{front.free_port()}\n")
+    path.write_text(text)
+    haproxy = subprocess.Popen([str(Path(sys.executable).with_name("conduit-haproxy")), "-db", "-f", str(path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", http_port), timeout=10)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "haproxy did not listen"
+                time.sleep(0.2)
+        request = f"GET /v1/models HTTP/1.1\r\nhost: 127.0.0.1:{http_port}\r\n\r\n".encode()
+        conn.sendall(request)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        haproxy.send_signal(signal.SIGUSR1)  # what a reload does to the old process
+        time.sleep(0.5)
+        conn.sendall(request)
+        answer = conn.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower(), answer
+    finally:
+        haproxy.kill()
+        haproxy.wait()
+        replica.shutdown()
