@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import signal
@@ -13,10 +14,16 @@ import typer
 import yaml
 
 from app.auth import check_exposure
-from app.config import LOCAL_RAY_SERVE_ENV, ConfigError, parse_app_config
+from app.config import LOCAL_RAY_SERVE_ENV, RAY_PROXY_FRONT_ENV, ConfigError, parse_app_config
 from app.resources import check_deployment_options
 
 log = logging.getLogger("conduit")
+
+
+class Front(str, enum.Enum):
+    haproxy = "haproxy"
+    ray_proxy = "ray-proxy"
+
 cli = typer.Typer(help="Conduit: LLM inference on Ray Serve.", no_args_is_help=True, add_completion=False)
 
 
@@ -27,8 +34,9 @@ def _load_apps(config_path: Path) -> list[dict]:
     raw = yaml.safe_load(config_path.read_text())
     ServeDeploySchema.model_validate(raw)
     apps = raw.get("applications", [])
-    # No host: Serve's default, loopback, but every interface in HAProxy mode (docs/haproxy-mode.md)
-    default_host = "0.0.0.0" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "127.0.0.1"
+    # No host: every interface in HAProxy mode, Conduit's front (docs/haproxy-mode.md); loopback only
+    # behind Ray's Python proxy
+    default_host = "127.0.0.1" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "0" else "0.0.0.0"
     host = (raw.get("http_options") or {}).get("host") or default_host
     for app in apps:
         if app.get("import_path", "").startswith("app.build:"):
@@ -97,13 +105,16 @@ def _draft_tokenizer_problems(apps: list[dict]) -> list[str]:
 
 
 @cli.command()
-def run(config: Path = typer.Argument(Path("serve_config.yaml"), exists=True, dir_okay=False)):
+def run(config: Path = typer.Argument(Path("serve_config.yaml"), exists=True, dir_okay=False),
+        front: Front = typer.Option(Front.haproxy, help="HTTP front: HAProxy (Ray Serve's HAProxy mode), or Ray's "
+                                    "Python proxy (to compare; bench/compare.py)")):
     """Serve a config on a local Ray instance (foreground). Ctrl-C or SIGTERM drains: requests in
     flight finish (up to each deployment's graceful_shutdown_timeout_s), then everything stops."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Set before Ray is imported (Serve reads them at import) and inherited by every Ray process.
     # Local dev server on loopback: Ray's token auth is off, as Ray's own local quick start has it.
-    os.environ.update({"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **LOCAL_RAY_SERVE_ENV})
+    os.environ.update({"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), **LOCAL_RAY_SERVE_ENV,
+                       **(RAY_PROXY_FRONT_ENV if front is Front.ray_proxy else {})})
     try:
         config = with_vertex_port(config)
         apps = _load_apps(config)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -23,24 +22,32 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # (docs/benchmark.md). It is cluster-wide (the proxy reads it too), so it cannot live in the app's args.
 # That mode also holds replica log records back until 1000 have piled up; Conduit writes a few lines per
 # request (not per token), and an access log that lags by a thousand lines is no use to an operator.
-RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
-# Ray Serve's HAProxy mode as the front (docs/haproxy-mode.md): HAProxy in place of Ray's Python proxy,
-# routing to each Ingress replica's own port, cut the front's CPU per token ~10x. Not the default yet
-# (docs/haproxy-mode.md says what still fails through it); opt in with CONDUIT_FRONT=haproxy for local
-# runs and the tests, or add this to a cluster's Ray environment. Ray runs the haproxy binary named here,
-# Conduit's wrapper (app/front.py), which binds HAProxy's stats page and exporter to loopback and answers
-# "no replica" with a JSON 503; the path is where the cluster image installs it (cluster/Dockerfile checks).
+#
+# The front is Ray Serve's HAProxy mode (docs/haproxy-mode.md): HAProxy in place of Ray's Python proxy,
+# routing to each Ingress replica's own port, cut the front's CPU per token ~10x. Ray runs the haproxy
+# binary named here, Conduit's wrapper (app/front.py), which binds HAProxy's stats page and exporter to
+# loopback and answers "no replica" with a JSON 503; the path is where the cluster image installs it
+# (cluster/Dockerfile checks). HAProxy's client timeout (inactivity while a client should send or read)
+# is Ray's 3600 s; Conduit's is FRONT_CLIENT_TIMEOUT_S: HAProxy 2.8 holds a connection whose request
+# body the Ingress refused (401, 408, 413) until the client goes quiet for that long, so an hour let
+# a slow sender hold it for an hour. Past the Ingress's default body deadline (30 s), so that a stalled
+# body still gets Conduit's own 408; a long generation is not cut by it (the client sends nothing then,
+# and is expected to send nothing).
+FRONT_CLIENT_TIMEOUT_S = 35
 CLUSTER_HAPROXY_BINARY = "/home/ray/anaconda3/bin/conduit-haproxy"
-HAPROXY_FRONT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": CLUSTER_HAPROXY_BINARY}
+RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+                 "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": CLUSTER_HAPROXY_BINARY,
+                 "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(FRONT_CLIENT_TIMEOUT_S)}
+# Ray's Python HTTP proxy as the front instead: `conduit run --front ray-proxy` (bench/compare.py
+# measures both side by side).
+RAY_PROXY_FRONT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
 # A single-machine server (`conduit run`, the tests) has no load balancer that must first deregister a
 # stopping ingress, so the ingress need not hold its 30 s minimum draining period (it still finishes
-# every request in flight): Ctrl-C then stops in seconds. Clusters keep Ray's default. With the HAProxy
-# front, locally the wrapper is this environment's, and HAProxy's stats/exporter and the fallback proxy
-# get free ports, so that two servers (a `make run` and a `make test`) can share the machine.
-LOCAL_RAY_SERVE_ENV = {**RAY_SERVE_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
-if os.environ.get("CONDUIT_FRONT") == "haproxy":
-    LOCAL_RAY_SERVE_ENV |= {**HAPROXY_FRONT_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": local_haproxy_binary(),
-                            **local_front_ports()}
+# every request in flight): Ctrl-C then stops in seconds. Clusters keep Ray's default. Locally the
+# wrapper is this environment's, and HAProxy's stats/exporter and the fallback proxy get free ports,
+# so that two servers (a `make run` and a `make test`) can share the machine.
+LOCAL_RAY_SERVE_ENV = {**RAY_SERVE_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+                       "RAY_SERVE_HAPROXY_BINARY_PATH": local_haproxy_binary(), **local_front_ports()}
 
 
 class Strict(BaseModel):

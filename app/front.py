@@ -15,12 +15,6 @@ The rewrite, strict (a template it does not recognise is an error, not a server 
   close on to the Ingress for 0-8 of 32 non-streamed calls dropped at once (Ray's config, haproxy
   alone, a plain backend), without them for 32 of 32 in each run; an Ingress that never hears of the
   close keeps generating for nobody (tests/e2e/test_cancellation.py).
-- `option idle-close-on-response` is added: Ray reloads HAProxy on every replica change, and the old
-  process, soft-stopping, closed its idle keep-alive connections at once, so a client's next request
-  sent on one got no answer at all ("Server disconnected without sending a response", seen once in a
-  redeploy under load; haproxy alone: a request on an idle connection after SIGUSR1 got nothing). With
-  it, that request is served, with `connection: close`. Ray's template has it only in its
-  "optimized" config, which also brings a server-state file Conduit does not need.
 
 The filtered config replaces Ray's file in place (written next to it, then renamed over it) rather than
 living beside it: Ray finds its haproxy processes by the config path in their command line (re-signalling
@@ -49,7 +43,6 @@ OWN_LISTENERS = {"frontend prometheus": re.compile(r"^(\s+bind )(?::|\*:)(\d+)\s
 OPERATOR_LISTENERS = {"frontend http_frontend", "frontend grpc_frontend"}
 ERRORFILE = re.compile(r"^(\s+errorfile (502|503|504) )(\S+)\s*$")
 SPLICE = re.compile(r"^\s+option splice-(request|response)\s*$")
-IDLE_CLOSE = "    option idle-close-on-response"
 SECTION = re.compile(r"^(global|defaults|frontend|backend|listen|peers|resolvers|userlist|program|cache|ring)\b")
 
 
@@ -83,13 +76,8 @@ def filter_config(text: str, error_page_path: str) -> str:
     """Ray's rendered config with HAProxy's own listeners on loopback and Conduit's 503 page."""
     if text.startswith(MARK):
         raise TemplateChanged("config is already filtered (Ray did not render it afresh before this start)")
-    lines = text.splitlines()
-    if "defaults" not in lines:
-        raise TemplateChanged("no defaults section")
-    if IDLE_CLOSE not in lines:
-        lines.insert(lines.index("defaults") + 1, IDLE_CLOSE)
     out, own_binds, errorfiles = [MARK], {name: 0 for name in OWN_LISTENERS}, set()
-    for section, line in _sections(lines):
+    for section, line in _sections(text.splitlines()):
         stripped = line.strip()
         if stripped.startswith("bind ") or stripped == "bind":
             if section in OWN_LISTENERS:

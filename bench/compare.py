@@ -1,7 +1,8 @@
 """Conduit side by side with what it should be judged against, on the tiny demo model, in one run:
 
   (a) ceiling    batched greedy decode in-process (transformers + DynamicCache), no serving at all
-  (b) Conduit    through its HTTP ingress (`conduit run serve_config.yaml`), N streaming clients
+  (b) Conduit    through its HTTP front, HAProxy (`conduit run serve_config.yaml`), N streaming clients
+  (b1) Conduit   the same behind Ray's Python HTTP proxy, the front before (`conduit run --front ray-proxy`)
   (c) transformers serve --continuous-batching, same model directory, same clients
   (d) unbatched  `transformers serve` without continuous batching, one request at a time
 
@@ -10,8 +11,8 @@ then the ratios the project targets. Writes <out-dir>/benchmark.md, .png and .js
     .venv/bin/python bench/compare.py [--concurrency 32] [--max-tokens 64] [--prompt-tokens 64] [--out-dir docs]
         [--sweep 32,128,256] [--baseline-tree ../conduit-before]
 
-(b) also runs 128 and 256 streams (--sweep) in the same server, its batch slots raised to the largest;
---baseline-tree runs an earlier commit's Conduit the same way, beside this one.
+(b) and (b1) also run 128 and 256 streams (--sweep) in the same server, its batch slots raised to the
+largest; --baseline-tree runs an earlier commit's Conduit the same way, beside this one.
 
 Servers listen on 127.0.0.1 only. Conduit needs port 8000 (serve_config.yaml); if it is busy this
 waits for it rather than benchmark whatever is there.
@@ -44,7 +45,10 @@ from app.front import free_port
 MODEL_DIR = PROJECT_ROOT / ".cache" / "demo-model"
 VENV_BIN = Path(sys.executable).parent
 CONDUIT_URL, CONDUIT_MODEL = "http://127.0.0.1:8000", "conduit-demo"
-TARGETS = {"ceiling": 0.8, "cb": 2.0, "unbatched": 5.0, "ttft_overhead_ms": 15.0}
+TARGETS = {"ceiling": 0.8, "cb": 2.0, "unbatched": 5.0, "ttft_overhead_ms": 15.0, "serving_path_ms": 0.1}
+# Conduit runs, side by side: this tree with each front, and --baseline-tree's with its own default
+VARIANTS = {"conduit": "(b) Conduit, HAProxy front", "ray_proxy": "(b1) Conduit, Ray's Python proxy front",
+            "baseline": "(b0) Conduit at {commit} (`--baseline-tree`)"}
 
 
 def phase(msg: str) -> None:
@@ -272,9 +276,11 @@ def sweep_config(args, path: Path) -> Path:
     return path
 
 
-def run_conduit(args, tree: Path = PROJECT_ROOT) -> dict:
+def run_conduit(args, tree: Path = PROJECT_ROOT, front: str | None = None) -> dict:
     """Conduit from `tree` (this checkout, or --baseline-tree: an earlier commit's checkout, run with
-    this venv) through its HTTP ingress: the loaded run with its CPU profile, 1 client, the sweep."""
+    this venv) through its HTTP front (`front`: `conduit run --front`; None: the tree's default): the
+    loaded run with its CPU profile, 1 client, the sweep; for this tree's default front also the same
+    loads straight to the Ingress replica's port."""
     waited = 0
     while port_busy(8000):  # someone else's server: wait rather than measure it
         if waited % 30 == 0:
@@ -285,7 +291,8 @@ def run_conduit(args, tree: Path = PROJECT_ROOT) -> dict:
             raise RuntimeError("port 8000 stayed busy for 10 minutes")
     # RAY_ADDRESS=local: always a fresh Ray instance of our own, never one already running here
     config = sweep_config(args, Path(tempfile.mkdtemp()) / "serve_config.yaml")
-    server = Server("conduit", [sys.executable, "-m", "app.cli", "run", str(config)], cwd=tree,
+    server = Server("conduit", [sys.executable, "-m", "app.cli", "run", str(config),
+                                *(["--front", front] if front else [])], cwd=tree,
                     env={"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local", "PYTHONPATH": str(tree)})
     try:
         started = time.monotonic()
@@ -305,7 +312,7 @@ def run_conduit(args, tree: Path = PROJECT_ROOT) -> dict:
         for clients in (c for c in args.sweep if c != args.concurrency):
             print(f"  {clients} clients ...", flush=True)
             sweep[clients] = row(loaded_run(CONDUIT_URL, args, clients), args.max_tokens)
-        direct = bypass_proxy(server.proc.pid, args) if tree == PROJECT_ROOT else {}
+        direct = bypass_front(server.proc.pid, args) if tree == PROJECT_ROOT and front is None else {}
     finally:
         print("  stopping Conduit ...", flush=True)
         server.stop()
@@ -324,14 +331,14 @@ def serving_path(profile: dict[str, float]) -> float:
     return sum(v for name, v in profile.items() if not name.startswith(("Model-", "benchmark client")))
 
 
-def bypass_proxy(sid: int, args) -> dict:
-    """The same loads sent straight to the Ingress replica's own HTTP port: the Ray HTTP proxy's share."""
+def bypass_front(sid: int, args) -> dict:
+    """The same loads sent straight to the Ingress replica's own HTTP port: the front's share."""
     port = direct_ingress_port(sid)
     if port is None:
-        print("  no direct-ingress port found; skipping the proxy-bypass runs", flush=True)
+        print("  no direct-ingress port found; skipping the front-bypass runs", flush=True)
         return {}
     url = f"http://127.0.0.1:{port}"
-    print(f"  the same, straight to the Ingress replica on :{port} (no Ray HTTP proxy) ...", flush=True)
+    print(f"  the same, straight to the Ingress replica on :{port} (no front) ...", flush=True)
     loaded, single = loaded_run(url, args), single_client_run(url, args)
     return {"direct_loaded": row(loaded, args.max_tokens), "direct_single": row(single, args.max_tokens)}
 
@@ -412,6 +419,15 @@ def ratio_rows(results: dict) -> list[tuple[str, float | None, str, bool | None]
     limit = TARGETS["ttft_overhead_ms"]
     out.append(("single-client TTFT p50 - raw prefill+first token (ms)", overhead, f"<= {limit:.0f}",
                 None if overhead is None else overhead <= limit))
+    path = serving_path(results["conduit"]["cpu_profile"]) if "conduit" in results else None
+    limit = TARGETS["serving_path_ms"]
+    out.append(("serving path CPU per output token (ms)", path, f"<= {limit}", None if path is None else path <= limit))
+    sweep = results.get("conduit", {}).get("sweep", {})
+    if len(sweep) > 1:
+        first, *more = sweep.values()
+        worst = min(r["output_throughput"] for r in more) / first["output_throughput"]
+        out.append((f"tok/s at {', '.join(list(sweep)[1:])} streams / at {list(sweep)[0]} (lowest)", worst,
+                    ">= 1.0", worst >= 1.0))
     return out
 
 
@@ -419,19 +435,17 @@ def markdown(results: dict, unavailable: dict, args, info: dict, command: str) -
     c, m = args.concurrency, args.max_tokens
     labels = {
         "ceiling": f"(a) in-process ceiling: batch {c}, greedy + DynamicCache, no serving",
-        "conduit": f"(b) Conduit, HTTP ingress, {c} streaming clients",
-        "conduit1": "(b) Conduit, 1 client",
         "cb": f"(c) transformers serve --continuous-batching, {c} clients",
         "unbatched": "(d) unbatched: one request at a time",
     }
     lines = ["| system | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) |", "|---|---:|---:|---:|"]
-    entries = [("ceiling", results.get("ceiling")), ("conduit", results.get("conduit", {}).get("loaded")),
-               ("conduit1", results.get("conduit", {}).get("single"))]
-    if "baseline" in results:
-        commit = results["baseline"]["commit"]
-        labels["baseline"] = f"(b0) Conduit at {commit} (`--baseline-tree`), {c} streaming clients"
-        labels["baseline1"] = f"(b0) Conduit at {commit}, 1 client"
-        entries += [("baseline", results["baseline"]["loaded"]), ("baseline1", results["baseline"]["single"])]
+    entries = [("ceiling", results.get("ceiling"))]
+    for key in VARIANTS:
+        if key == "baseline" and key not in results and key not in unavailable:
+            continue
+        name = variant_name(results, key)
+        labels[key], labels[key + "1"] = f"{name}, {c} streaming clients", f"{name}, 1 client"
+        entries += [(key, results.get(key, {}).get("loaded")), (key + "1", results.get(key, {}).get("single"))]
     entries += [("cb", results.get("cb")), ("unbatched", results.get("unbatched"))]
     for key, r in entries:
         if r is None:
@@ -444,7 +458,7 @@ def markdown(results: dict, unavailable: dict, args, info: dict, command: str) -
     table = "\n".join(lines)
     ratios = ["| ratio | value | target | met |", "|---|---:|---:|:---:|"]
     for name, value, target, met in ratio_rows(results):
-        ratios.append(f"| {name} | {fmt(value, 1 if name.endswith('(ms)') else 2)} | {target} | "
+        ratios.append(f"| {name} | {fmt(value, 1 if 'TTFT' in name else 2)} | {target} | "
                       f"{'n/a' if met is None else ('yes' if met else 'no')} |")
     unbatched_how = results.get("unbatched", {}).get("how", "not run")
     return f"""# Benchmark: Conduit side by side
@@ -490,8 +504,13 @@ $ free -g
 
 Single-request latencies (fill-in-the-middle, cold start from zero replicas): [latency.md](latency.md).
 Sampled stacks of the model and Ingress replicas under this load: [profile.md](profile.md).
-Ray Serve's HAProxy mode as the front (the proxy's CPU per token, measured, not yet adopted): [haproxy-mode.md](haproxy-mode.md).
+Ray Serve's HAProxy mode, Conduit's front: [haproxy-mode.md](haproxy-mode.md).
 """
+
+
+def variant_name(results: dict, key: str) -> str:
+    commit = results.get(key, {}).get("commit", "?")
+    return VARIANTS[key].format(commit=commit)
 
 
 def cpu_section(results: dict) -> str:
@@ -501,56 +520,53 @@ def cpu_section(results: dict) -> str:
     if not profile or "ceiling" not in results:
         return ""
     total = sum(profile.values())
-    old = results.get("baseline", {}).get("cpu_profile")
-    head = ["## Where the time goes (CPU ms per output token, loaded run)", ""]
-    if old is None:
-        lines = head + ["| process | CPU ms / token |", "|---|---:|"]
-        lines += [f"| {name} | {value:.2f} |" for name, value in profile.items()]
-        lines.append(f"| **serving path: all but the model replica and the client** | **{serving_path(profile):.2f}** |")
-        lines.append(f"| **all processes** | **{total:.2f}** |")
-    else:
-        commit = results["baseline"]["commit"]
-        lines = head + [f"| process | now ({results['conduit']['commit']}) | at {commit} |", "|---|---:|---:|"]
-        lines += [f"| {name} | {profile.get(name, 0):.2f} | {old.get(name, 0):.2f} |" for name in {**old, **profile}]
-        lines.append(f"| **serving path: all but the model replica and the client** | "
-                     f"**{serving_path(profile):.2f}** | **{serving_path(old):.2f}** |")
-        lines.append(f"| **all processes** | **{total:.2f}** | **{sum(old.values()):.2f}** |")
+    runs = {key: results[key]["cpu_profile"] for key in VARIANTS if results.get(key, {}).get("cpu_profile")}
+    names = list(dict.fromkeys(name for run in runs.values() for name in run))
+    lines = ["## Where the time goes (CPU ms per output token, loaded run)", "",
+             "| process | " + " | ".join(variant_name(results, key) for key in runs) + " |",
+             "|---|" + "---:|" * len(runs)]
+    lines += [f"| {name} | " + " | ".join(f"{run.get(name, 0):.2f}" for run in runs.values()) + " |" for name in names]
+    lines.append("| **serving path: all but the model replica and the client** | "
+                 + " | ".join(f"**{serving_path(run):.2f}**" for run in runs.values()) + " |")
+    lines.append("| **all processes** | " + " | ".join(f"**{sum(run.values()):.2f}**" for run in runs.values()) + " |")
     lines.append(f"| (a) in-process ceiling, for comparison | {results['ceiling']['cpu_ms_per_token']:.2f} |")
     cores = os.cpu_count() or 1
     lines += ["", f"On {cores} cores this CPU bill alone caps the served rate at {cores * 1e3 / total:,.0f} tok/s, "
               f"whatever the scheduling; the ceiling's bill caps it at "
               f"{cores * 1e3 / results['ceiling']['cpu_ms_per_token']:,.0f} tok/s."]
-    return "\n".join(lines + proxy_lines(results["conduit"]))
+    return "\n".join(lines + front_lines(results))
 
 
 def sweep_section(results: dict) -> str:
     """Throughput and TTFT as the number of streams grows, in one server (and the baseline's)."""
-    runs = [(f"now ({r['commit']})", r["sweep"]) for r in (results.get("conduit"), results.get("baseline"))
-            if r and "sweep" in r]
+    runs = [(variant_name(results, key), results[key]["sweep"]) for key in VARIANTS if "sweep" in results.get(key, {})]
     if not runs:
         return ""
     lines = ["## More streams (same server: batch slots for the largest load)", "",
              "| Conduit | clients | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, sweep in runs:
-        name = name if name.startswith("now") else "at " + name.removeprefix("now (").rstrip(")")
         for clients, r in sweep.items():
             lines.append(f"| {name} | {clients} | {fmt(r['output_throughput'])} | {fmt(r['ttft_ms_p50'], 1)} | "
                          f"{fmt(r['summary']['ttft_ms'].get('p99'), 1)} | {fmt(r['tpot_ms_p50'], 1)} |")
     return "\n".join(lines)
 
 
-def proxy_lines(conduit: dict) -> list[str]:
+def front_lines(results: dict) -> list[str]:
+    """The front's share: each front's loads next to the same loads sent straight to the Ingress
+    replica's own HTTP port (Serve's direct ingress) in the HAProxy-front server."""
+    conduit = results["conduit"]
     if "direct_loaded" not in conduit:
         return []
-    via, direct = conduit["loaded"], conduit["direct_loaded"]
-    return ["", "The Ray HTTP proxy's share: the same runs sent straight to the Ingress replica's own HTTP port "
-            "(Serve's direct ingress), in the same server:", "",
+    paths = [("client -> HAProxy :8000 -> Ingress", conduit["loaded"], conduit["single"])]
+    if "ray_proxy" in results:
+        paths.append(("client -> Ray proxy :8000 -> Ingress (another server)", results["ray_proxy"]["loaded"],
+                      results["ray_proxy"]["single"]))
+    paths.append(("client -> Ingress replica port", conduit["direct_loaded"], conduit["direct_single"]))
+    return ["", "The front's share: the same runs sent straight to the Ingress replica's own HTTP port:", "",
             "| path | output tok/s | 1-client TTFT p50 (ms) |", "|---|---:|---:|",
-            f"| client -> Ray proxy :8000 -> Ingress | {fmt(via['output_throughput'])} | "
-            f"{fmt(conduit['single']['ttft_ms_p50'], 1)} |",
-            f"| client -> Ingress replica port | {fmt(direct['output_throughput'])} | "
-            f"{fmt(conduit['direct_single']['ttft_ms_p50'], 1)} |"]
+            *(f"| {name} | {fmt(loaded['output_throughput'])} | {fmt(single['ttft_ms_p50'], 1)} |"
+              for name, loaded, single in paths)]
 
 
 def plot(results: dict, path: Path, args) -> None:
@@ -559,22 +575,25 @@ def plot(results: dict, path: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["(a) in-process\nceiling", "(b) Conduit", "(b0) Conduit\nbaseline", "(c) transformers\nserve CB",
-             "(d) unbatched"]
-    keys = ["ceiling", "conduit", "baseline", "cb", "unbatched"]
-    values = [(results[k]["loaded"] if k in ("conduit", "baseline") else results[k])["output_throughput"]
+    names = ["(a) in-process\nceiling", "(b) Conduit\nHAProxy", "(b1) Conduit\nRay proxy", "(b0) Conduit\nbaseline",
+             "(c) transformers\nserve CB", "(d) unbatched"]
+    keys = ["ceiling", "conduit", "ray_proxy", "baseline", "cb", "unbatched"]
+    if "baseline" not in results:  # not asked for
+        names, keys = names[:3] + names[4:], keys[:3] + keys[4:]
+    values = [(results[k]["loaded"] if k in VARIANTS else results[k])["output_throughput"]
               if k in results else 0.0 for k in keys]
-    fig, (ax, sweep_tps, sweep_ttft) = plt.subplots(1, 3, figsize=(16, 4.5), width_ratios=[2, 1, 1])
-    bars = ax.bar(names, values, color=["0.6", "C0", "C4", "C1", "C2"])
+    fig, (ax, sweep_tps, sweep_ttft) = plt.subplots(1, 3, figsize=(17, 4.5), width_ratios=[2, 1, 1])
+    colors = {"ceiling": "0.6", "conduit": "C0", "ray_proxy": "C3", "baseline": "C4", "cb": "C1", "unbatched": "C2"}
+    bars = ax.bar(names, values, color=[colors[k] for k in keys])
     ax.bar_label(bars, labels=[f"{v:,.0f}" if v else "n/a" for v in values])
     ax.set_ylabel("output tokens/s")
     ax.set_title(f"demo model, {args.concurrency} streaming clients x {args.max_tokens} tokens")
-    for key, color in (("conduit", "C0"), ("baseline", "C4")):
+    for key, color in (("conduit", "C0"), ("ray_proxy", "C3"), ("baseline", "C4")):
         sweep = results.get(key, {}).get("sweep")
         if not sweep:
             continue
         clients = [int(c) for c in sweep]
-        label = f"{key} ({results[key]['commit']})"
+        label = variant_name(results, key).split(") ", 1)[1]
         sweep_tps.plot(clients, [r["output_throughput"] for r in sweep.values()], "o-", color=color, label=label)
         sweep_ttft.plot(clients, [r["ttft_ms_p50"] for r in sweep.values()], "o-", color=color, label=label)
     for axis, what in ((sweep_tps, "output tokens/s"), (sweep_ttft, "TTFT p50 (ms)")):
@@ -618,12 +637,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {results['ceiling']['output_throughput']:.0f} tok/s; batch-1 prefill+first token "
           f"{results['ceiling']['ttft_ms_p50']:.1f} ms", flush=True)
 
-    phase("(b) Conduit through its HTTP ingress")
-    try:
-        results["conduit"] = run_conduit(args)
-    except Exception as e:  # report, and still measure the others
-        unavailable["conduit"] = str(e).splitlines()[0]
-        print(f"  FAILED: {e}", flush=True)
+    for key, front in (("conduit", None), ("ray_proxy", "ray-proxy")):
+        phase(f"{VARIANTS[key]}")
+        try:
+            results[key] = run_conduit(args, front=front)
+        except Exception as e:  # report, and still measure the others
+            unavailable[key] = str(e).splitlines()[0]
+            print(f"  FAILED: {e}", flush=True)
 
     if args.baseline_tree:
         phase(f"(b0) Conduit from {args.baseline_tree} ({commit_of(args.baseline_tree)})")

@@ -3,6 +3,7 @@
 where the Ingress runs, and Ray's dashboard and GCS closed to everyone but the Ray pods."""
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -50,6 +51,15 @@ def test_launcher_yaml_matches_rays_schema():
     assert workers and all(t["resources"].get("GPU", 0) >= 1 for t in workers.values())
     assert all(t["min_workers"] <= t["max_workers"] for t in workers.values())
     assert any("pip install" in cmd and "conduit" in cmd for cmd in launcher["setup_commands"])
+
+
+def test_launcher_nodes_start_ray_with_conduits_environment():
+    launcher = yaml.safe_load((CLUSTER / "launcher.yaml").read_text())
+    expected = {**RAY_SERVE_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": "$(which conduit-haproxy)"}
+    for commands in (launcher["head_start_ray_commands"], launcher["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        env = dict(re.findall(r"(\w+)=(\$\([^)]*\)|\S+)", start.split(" ray start")[0]))
+        assert env == expected, start
 
 
 def test_schema_check_catches_a_broken_launcher():
