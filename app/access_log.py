@@ -1,6 +1,6 @@
 """One access-log line per request, written by the ingress when the response's last byte is sent.
 
-The middleware in app/api/server.py opens an `AccessRecord` for each request and keeps it in a
+The middleware in app/api/server.py (`RequestContext`) opens an `AccessRecord` for each request and keeps it in a
 context variable; the pipeline fills in what only it knows (model, token counts, first-token time,
 finish reasons) through `tokenized` and `output`, which do nothing outside a request. The line is
 `key=value` text; with `logging.format: json` Serve's JSON formatter also writes the fields as an
@@ -67,24 +67,11 @@ def start(request, log_prompts: bool) -> AccessRecord:
     return record
 
 
-def finish(record: AccessRecord, request, response):
-    """Close the record once `response` is sent: after its body's last chunk for a streamed body."""
-    route = request.scope.get("route")  # set by the router: the template, not the raw path
+def finish(record: AccessRecord, scope, status: int) -> None:
+    """Close the record of the request of `scope` once its response (of `status`) is sent."""
+    route = scope.get("route")  # set by the router: the template, not the raw path
     record.route = getattr(route, "path", "")
-    body = getattr(response, "body_iterator", None)
-    if body is None:
-        close_record(record, response.status_code)
-        return response
-
-    async def body_then_close():
-        try:
-            async for chunk in body:
-                yield chunk
-        finally:
-            close_record(record, response.status_code)
-
-    response.body_iterator = body_then_close()
-    return response
+    close_record(record, status)
 
 
 def tokenized(model: str, prompt_tokens: int, seconds: float, prompt=None) -> None:

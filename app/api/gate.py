@@ -12,7 +12,8 @@ import math
 from functools import partial
 
 from fastapi import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import ConduitError, invalid, unavailable
 from app.auth import (
@@ -85,31 +86,6 @@ class Gate:
             raise missing_or_wrong(presented)
         return key
 
-    def middleware(self, error_response):
-        """The admission middleware, after `Authenticate` and the capacity check: refused calls get
-        `error_response`, admitted ones run with their `Call` in `current_call` and their rate-limit
-        headers added. Open paths pass as they are."""
-
-        async def admit_call(request: Request, call_next):
-            key = request.state.key_id
-            if key is None:
-                return await call_next(request)
-            try:
-                call, headers = await self.admit(request, key, asyncio.get_running_loop().time())
-            except ConduitError as err:
-                return error_response(request, err)
-            token = current_call.set(call)
-            try:
-                response = await call_next(request)
-            finally:
-                current_call.reset(token)
-            response.headers.update(headers)
-            if call.ran_class is not None:  # it generated: the class it ran at, after the key's cap
-                response.headers[PRIORITY_HEADER] = call.ran_class
-            return response
-
-        return admit_call
-
     async def admit(self, request: Request, key: str, now: float) -> tuple[Call, dict[str, str]]:
         """(the call's context, headers for its response); raises 429 / 400."""
         deadline = now + self.timeout(request.headers.get(TIMEOUT_HEADER))
@@ -132,10 +108,9 @@ class Gate:
         return min(seconds, limit)
 
 
-class Authenticate:
-    """ASGI middleware, outside the capacity check: a call refused here (wrong key, wrong method on
-    a probe path) is answered at once, before anything counts it or reads its body. The key id is
-    left in `request.state.key_id` for the admission middleware."""
+class _Step:
+    """An ASGI middleware step of the gate: `check` lets a call through (returns the app to run it
+    with) or refuses it (raises), and a refused call gets `reject`'s answer at once."""
 
     def __init__(self, app: ASGIApp, gate: Gate, reject):
         self.app, self.gate, self.reject = app, gate, reject
@@ -145,10 +120,53 @@ class Authenticate:
             return await self.app(scope, receive, send)
         request = Request(scope)
         try:
-            request.state.key_id = self.gate.authenticate(request)
+            app = await self.check(request)
         except ConduitError as err:
-            return await self.reject(request, err)(scope, receive, send)
-        await self.app(scope, receive, send)
+            app = self.reject(request, err)
+        await app(scope, receive, send)
+
+    async def check(self, request: Request) -> ASGIApp:
+        raise NotImplementedError
+
+
+class Authenticate(_Step):
+    """Outside the capacity check: a call refused here (wrong key, wrong method on a probe path) is
+    answered at once, before anything counts it or reads its body. The key id is left in
+    `request.state.key_id` for `Admit`."""
+
+    async def check(self, request: Request) -> ASGIApp:
+        request.state.key_id = self.gate.authenticate(request)
+        return self.app
+
+
+class Admit(_Step):
+    """After `Authenticate` and the capacity check: admitted calls run with their `Call` in
+    `current_call` and their rate-limit headers (and the class their generation ran at) added to
+    the response's start; refused ones (429, 400) get `reject`'s answer. Open paths pass as they are.
+    Plain ASGI, not Starlette's `BaseHTTPMiddleware`: that one carries every chunk of a streamed
+    body through a memory stream and a task of its own."""
+
+    async def check(self, request: Request) -> ASGIApp:
+        key = request.state.key_id
+        if key is None:
+            return self.app
+        call, headers = await self.gate.admit(request, key, asyncio.get_running_loop().time())
+        return partial(self._run, call, headers)
+
+    async def _run(self, call: Call, headers: dict[str, str], scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response_headers = MutableHeaders(scope=message)
+                response_headers.update(headers)
+                if call.ran_class is not None:  # it generated: the class it ran at, after the key's cap
+                    response_headers[PRIORITY_HEADER] = call.ran_class
+            await send(message)
+
+        token = current_call.set(call)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            current_call.reset(token)
 
 
 class InFlightCap:

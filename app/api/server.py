@@ -15,11 +15,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import access_log, metrics
 from app.api.adapter import build_adapters
 from app.api.errors import ConduitError
-from app.api.gate import Authenticate, Gate, InFlightCap, ingress_capacity, route_path
+from app.api.gate import (
+    Admit,
+    Authenticate,
+    Gate,
+    InFlightCap,
+    ingress_capacity,
+    route_path,
+)
 from app.api.input_limits import BodyGuard, CloseUnread
 from app.api.pipeline import Pipeline
 from app.config import AppConfig
@@ -38,6 +46,53 @@ def validation_error(exc: RequestValidationError) -> ConduitError:
     if param is None:  # a rule over the whole body (a model validator), no one field to name
         return ConduitError(f"Invalid request body: {err.get('msg')}")
     return ConduitError(f"Invalid value for '{param}': {err.get('msg')}", param=param)
+
+
+class RequestContext:
+    """ASGI middleware, outside the key check: gives each HTTP request its id (the client's
+    x-request-id, or a new one) and its access record, answers a declared body over its path's limit
+    with a 413 before anything reads it, and closes the record once the response's last byte is sent
+    (or the app ends without sending it). Plain ASGI, not Starlette's `BaseHTTPMiddleware`, which
+    carries every chunk of a streamed body through a memory stream and a task of its own.
+
+    No x-request-id on responses here: Serve already echoes it on every response (the client's, or
+    the one it made and passed in), so setting it too would send it twice."""
+
+    def __init__(self, app: ASGIApp, log_prompts: bool, max_bytes: int, path_limits: dict[str, int], reject):
+        self.app, self.log_prompts, self.reject = app, log_prompts, reject
+        self.max_bytes, self.path_limits = max_bytes, path_limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        request.state.request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        record = access_log.start(request, self.log_prompts)
+        length = request.headers.get("content-length")
+        limit = self.path_limits.get(request.url.path, self.max_bytes)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            err = ConduitError(f"Request body of {length} bytes exceeds the limit of {limit} bytes",
+                               413, code="request_too_large")
+            response = self.reject(request, err)
+            access_log.finish(record, scope, response.status_code)
+            return await response(scope, receive, send)
+        status = None
+        closed = False
+
+        async def send_then_close(message: Message) -> None:
+            nonlocal status, closed
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                closed = True
+                access_log.finish(record, scope, status)
+
+        try:
+            await self.app(scope, receive, send_then_close)
+        finally:
+            if status is not None and not closed:  # the body was cut short (client gone, an error)
+                access_log.finish(record, scope, status)
 
 
 def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
@@ -77,24 +132,11 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
     path_limits = {"/v1/files": config.store.max_file_bytes}  # uploads: batch input files are large
     api.add_middleware(BodyGuard, max_bytes=max_bytes, timeout_s=config.ingress.body_timeout_s,
                        reject=error_response, path_limits=path_limits)
-    api.middleware("http")(gate.middleware(error_response))
+    api.add_middleware(Admit, gate=gate, reject=error_response)
     api.add_middleware(InFlightCap, limit=ingress_capacity(), reject=error_response)
     api.add_middleware(Authenticate, gate=gate, reject=error_response)
-
-    # No x-request-id on responses here: Serve's proxy already echoes it on every response (the
-    # client's, or the one it made and passed in), so setting it too would send it twice.
-    @api.middleware("http")
-    async def request_context(request: Request, call_next):
-        request.state.request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        record = access_log.start(request, config.logging.log_prompts)
-        length = request.headers.get("content-length")
-        limit = path_limits.get(request.url.path, max_bytes)
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            err = ConduitError(f"Request body of {length} bytes exceeds the limit of {limit} bytes",
-                               413, code="request_too_large")
-            return access_log.finish(record, request, error_response(request, err))
-        response = await call_next(request)
-        return access_log.finish(record, request, response)
+    api.add_middleware(RequestContext, log_prompts=config.logging.log_prompts, max_bytes=max_bytes,
+                       path_limits=path_limits, reject=error_response)
 
     # CORS stays off unless configured; outside the key check, so preflights need no key
     if config.ingress.cors_origins:
