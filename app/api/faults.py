@@ -25,6 +25,14 @@ def deadline_exceeded() -> ConduitError:
                         "x-request-timeout header).", 504, "timeout_error", None, "deadline_exceeded")
 
 
+def overloaded() -> ConduitError:
+    return unavailable("The server is at capacity; retry shortly.", "server_overloaded")
+
+
+def replica_failed() -> ConduitError:
+    return unavailable("The model replica serving this request failed; retry.", "replica_unavailable")
+
+
 @asynccontextmanager
 async def bounded():
     """Run the block under the current call's deadline; Ray's failures become 503s."""
@@ -37,20 +45,56 @@ async def bounded():
             raise
         raise deadline_exceeded() from None
     except BackPressureError:
-        raise unavailable("The server is at capacity; retry shortly.", "server_overloaded") from None
+        raise overloaded() from None
     except REPLICA_LOST:
-        raise unavailable("The model replica serving this request failed; retry.", "replica_unavailable") from None
+        raise replica_failed() from None
 
 
 async def bounded_iter(items: AsyncIterator) -> AsyncIterator:
-    """`items`, each awaited under `bounded()`. Closing this closes `items` (aborting the request)."""
+    """`items`, each awaited as under `bounded()`. Closing this closes `items` (aborting the request).
+    One timer for the whole stream, not one `bounded()` per item (a stream's per-token path): past
+    the deadline an item still awaited is cancelled, and none is awaited after it."""
+    deadline, when = _Deadline(), current_call.get().deadline
+    timer = None if when is None else asyncio.get_running_loop().call_at(when, deadline.expire)
     try:
         while True:
-            async with bounded():
-                try:
-                    item = await anext(items)
-                except StopAsyncIteration:
-                    return
+            if deadline.expired:
+                raise deadline_exceeded()
+            deadline.wait(asyncio.current_task())
+            try:
+                item = await anext(items)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if deadline.cancelled and deadline.task.uncancel() == deadline.cancelling:
+                    raise deadline_exceeded() from None  # our cancellation, nobody else's
+                raise
+            except BackPressureError:
+                raise overloaded() from None
+            except REPLICA_LOST:
+                raise replica_failed() from None
+            finally:
+                deadline.waiting = False
             yield item
     finally:
+        if timer is not None:
+            timer.cancel()
         await items.aclose()
+
+
+class _Deadline:
+    """A stream's deadline as `bounded_iter` keeps it: `expire` cancels the task awaiting an item."""
+
+    def __init__(self):
+        self.task: asyncio.Task | None = None
+        self.cancelling = 0  # the task's cancellation requests before ours
+        self.waiting = self.expired = self.cancelled = False
+
+    def wait(self, task: asyncio.Task) -> None:
+        self.task, self.cancelling, self.waiting = task, task.cancelling(), True
+
+    def expire(self) -> None:
+        self.expired = True
+        if self.waiting and not self.cancelled:
+            self.cancelled = True
+            self.task.cancel()

@@ -90,3 +90,68 @@ def test_completion_chunks_with_usage_keep_to_the_schema():
     for chunk in chunks:
         validate(chunk, "CreateCompletionResponse")
     assert ["usage" in c for c in chunks] == [False, False, True]
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("echo", [None, "Say \"hi\"\n"])
+def test_plain_chunks_are_the_bytes_of_the_general_path(kind, include_usage, echo):
+    """A text delta's chunk is formatted from a pre-rendered envelope (the per-token path): its line
+    must be the one `sse` writes for the whole payload, whatever the text, ids and model hold."""
+    if kind == "chat" and echo:
+        return
+    texts = ["", "Hello", ' "quoted" \\ back', "tab\tnew\nline\x00\x1f", "é ü 漢字 😀", "\ud800"]
+    builder = ResponseBuilder(kind, 'cmpl-"odd"\\id', "m/ödel\n", include_usage, echo=echo)
+    for first in (True, False):
+        for text in texts:
+            for finish_reason in (None, "stop", "length"):
+                out = output(text, finish_reason)
+                if kind == "chat":
+                    delta = {"content": text} if text else {}
+                    choice = {"index": 2, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                else:
+                    choice = {"index": 2, "text": (echo or "") + text if first else text, "logprobs": None,
+                              "finish_reason": finish_reason}
+                assert builder._plain(2, out, first) == builder._chunk(choice)
+
+
+def test_sse_response_sends_each_delta_at_once_and_the_last_with_the_end():
+    """Each delta's events leave in one body message as soon as it arrives; the last delta, the
+    usage chunk and [DONE] leave in the message that ends the body. A failure mid-stream is an error
+    event, then [DONE]."""
+    import asyncio
+
+    from app.api.errors import ConduitError
+    from app.api.wire.openai import SSE_DONE, SSEResponse
+
+    async def deltas(outs, error=None):
+        for out in outs:
+            yield 0, out
+        if error is not None:
+            raise error
+
+    def run(stream, include_usage=True):
+        builder = ResponseBuilder("chat", "chatcmpl-1", "m", include_usage)
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(SSEResponse(builder, stream, 1).stream_response(send))
+        return sent, builder
+
+    outs = [output("He", None), output("ll", None), output("o", "stop")]
+    sent, builder = run(deltas(outs))
+    assert sent[0]["type"] == "http.response.start"
+    bodies = [m["body"].decode() for m in sent[1:]]
+    assert [m["more_body"] for m in sent[1:]] == [True, True, False]
+    reference = ResponseBuilder("chat", "chatcmpl-1", "m", True)
+    reference.created, reference._head = builder.created, builder._head  # the same second
+    events = [reference.render(0, out, first=i == 0) for i, out in enumerate(outs)]
+    assert bodies[0] == events[0] and bodies[0].count("data: ") == 2  # the role chunk and the first text
+    assert bodies[1] == events[1]
+    assert bodies[2] == events[2] + reference.usage_chunk([outs[-1]]) + SSE_DONE
+
+    sent, _ = run(deltas(outs[:1], ConduitError("boom", 500)))
+    last = sent[-1]["body"].decode()
+    assert sent[-1]["more_body"] is False and '"message":"boom"' in last and last.endswith(SSE_DONE)

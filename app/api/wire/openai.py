@@ -269,6 +269,11 @@ class ResponseBuilder:
         self.echo = echo
         self.call_streams: dict[int, tools.ForcedCallStream | tools.AutoCallStream] = {}  # per choice
         self.offsets: dict[int, int] = {}  # per choice: chars of text so far (completions' text_offset)
+        # a text chunk's SSE line up to its choice's index, and after its finish_reason: what `sse` of
+        # `_chunk`'s payload writes there, rendered once (see `_plain`)
+        self._head = (f'data: {{"id":{json.dumps(self.id)},"object":{json.dumps(self.chunk_object)},'
+                      f'"created":{self.created},"model":{json.dumps(self.model)},"choices":[{{"index":')
+        self._tail = ',"usage":null}\n\n' if include_usage and kind == "chat" else "}\n\n"
 
     def _envelope(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
@@ -317,16 +322,33 @@ class ResponseBuilder:
             delta = {"role": "assistant", "content": "", "refusal": None}
             lines.append(self._chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None}))
         if out.text or out.finished or out.logprobs or (first and self.echo):
-            if self.kind == "chat":
+            if out.logprobs is None and not (self.kind == "chat" and self.tools):
+                lines.append(self._plain(index, out, first))
+            elif self.kind == "chat":
                 delta, finish_reason = self._delta(index, out)
                 logprobs = chat_logprobs(out.logprobs) if out.logprobs is not None else None
                 choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+                lines.append(self._chunk(choice))
             else:
                 text = (self.echo or "") + out.text if first else out.text
                 logprobs = self._completion_logprobs(index, out, first)
                 choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
-            lines.append(self._chunk(choice))
+                lines.append(self._chunk(choice))
         return lines
+
+    def render(self, index: int, out: RequestOutput, first: bool) -> str:
+        """`chunks`, as one string: the events of one delta go out in one write."""
+        return "".join(self.chunks(index, out, first))
+
+    def _plain(self, index: int, out: RequestOutput, first: bool) -> str:
+        """The chunk of a delta without log-probs or tool calls: the same bytes as `_chunk` of its
+        choice, with only the text and finish reason formatted (the stream's per-token path)."""
+        finish_reason = "null" if out.finish_reason is None else json.dumps(out.finish_reason)
+        if self.kind == "chat":
+            body = f',"delta":{{"content":{json.dumps(out.text)}}}' if out.text else ',"delta":{}'
+        else:
+            body = f',"text":{json.dumps((self.echo or "") + out.text if first else out.text)}'
+        return f'{self._head}{index}{body},"logprobs":null,"finish_reason":{finish_reason}}}]{self._tail}'
 
     def _delta(self, index: int, out: RequestOutput) -> tuple[dict, str | None]:
         """A chat delta: text, or tool-call parts in OpenAI's streaming form."""
@@ -426,7 +448,7 @@ async def respond(pipeline: Pipeline, rid: str, kind: str, body: ChatCompletionR
     if not body.stream:
         return builder.complete(await pipeline.complete(req))
     stream = await pipeline.stream(req)  # errors before the first token still get a status code
-    return StreamingResponse(_sse(builder, stream, req.n), media_type="text/event-stream")
+    return SSEResponse(builder, stream, req.n)
 
 
 async def _echo_text(pipeline: Pipeline, req: GenerateRequest) -> str:
@@ -440,18 +462,37 @@ def model_card(model_id: str, name: str, parent: str | None = None) -> dict:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "conduit", "root": name, "parent": parent}
 
 
-async def _sse(builder: ResponseBuilder, stream, n: int):
-    last: dict[int, RequestOutput] = {}  # each choice's latest delta (it carries the running counts)
-    try:
-        async for index, out in stream:
-            for line in builder.chunks(index, out, first=index not in last):
-                yield line
-            last[index] = out
-        if builder.include_usage:
-            yield builder.usage_chunk([last[i] for i in range(n)])
-    except Exception as e:  # after the 200 the status is sent: report in the stream, never cut silently
-        err = stream_failure(e)
-        yield sse(error_body(err))
-    finally:
-        await stream.aclose()
-    yield SSE_DONE
+class SSEResponse(StreamingResponse):
+    """A streamed chat or text completion. Starlette's `StreamingResponse` (its disconnect listener,
+    its task group) around a body sent straight from the builder: each delta's events in one body
+    message, and the last delta (which nothing follows but the usage chunk and `[DONE]`, made at once)
+    together with those and the body's end, in one. The bytes are those of one event per message."""
+
+    def __init__(self, builder: ResponseBuilder, stream, n: int):
+        self.builder, self.stream, self.n = builder, stream, n
+        self.body_iterator = None  # unused: stream_response below reads `stream`
+        self.status_code, self.media_type, self.background = 200, "text/event-stream", None
+        self.init_headers(None)
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        builder, stream, n = self.builder, self.stream, self.n
+        last: dict[int, RequestOutput] = {}  # each choice's latest delta (it carries the running counts)
+        finished = 0
+        held = ""  # the last delta's events: they go out with the end of the body
+        try:
+            async for index, out in stream:
+                events = builder.render(index, out, first=index not in last)
+                last[index] = out
+                finished += out.finished
+                if finished == n:
+                    held = events
+                elif events:
+                    await send({"type": "http.response.body", "body": events.encode(), "more_body": True})
+            if builder.include_usage:
+                held += builder.usage_chunk([last[i] for i in range(n)])
+        except Exception as e:  # after the 200 the status is sent: report in the stream, never cut silently
+            held += sse(error_body(stream_failure(e)))
+        finally:
+            await stream.aclose()
+        await send({"type": "http.response.body", "body": (held + SSE_DONE).encode(), "more_body": False})
