@@ -33,11 +33,20 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # a slow sender hold it for an hour. Past the Ingress's default body deadline (30 s), so that a stalled
 # body still gets Conduit's own 408; a long generation is not cut by it (the client sends nothing then,
 # and is expected to send nothing).
+#
+# HAProxy retries a request on another replica when the replica closed the connection without a byte
+# of answer (`empty-response`; Ray retries only failed connects). An Ingress replica that stops (a
+# redeploy, scale-down) closes its idle keep-alive connections, and HAProxy may have just sent a
+# request on one; HAProxy then closes the client's connection without an answer, so that the client
+# retries (seen: "Server disconnected without sending a response" in a redeploy under load). A request
+# is replayed only if it fits HAProxy's buffer (16 kB); one the replica started on and then died
+# without answering is replayed too, as the official SDKs would do on a dropped connection.
 FRONT_CLIENT_TIMEOUT_S = 35
 CLUSTER_HAPROXY_BINARY = "/home/ray/anaconda3/bin/conduit-haproxy"
 RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
                  "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": CLUSTER_HAPROXY_BINARY,
-                 "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(FRONT_CLIENT_TIMEOUT_S)}
+                 "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(FRONT_CLIENT_TIMEOUT_S),
+                 "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response"}
 # Ray's Python HTTP proxy as the front instead: `conduit run --front ray-proxy` (bench/compare.py
 # measures both side by side).
 RAY_PROXY_FRONT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}

@@ -58,7 +58,7 @@ def test_launcher_nodes_start_ray_with_conduits_environment():
     expected = {**RAY_SERVE_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": "$(which conduit-haproxy)"}
     for commands in (launcher["head_start_ray_commands"], launcher["worker_start_ray_commands"]):
         start = next(c for c in commands if "ray start" in c)
-        env = dict(re.findall(r"(\w+)=(\$\([^)]*\)|\S+)", start.split(" ray start")[0]))
+        env = {k: v.strip('"') for k, v in re.findall(r'(\w+)=(\$\([^)]*\)|"[^"]*"|\S+)', start.split(" ray start")[0])}
         assert env == expected, start
 
 

@@ -3,12 +3,16 @@ the filter every listener but the operator's HTTP/gRPC frontends binds loopback,
 Conduit's JSON 503, the real haproxy accepts the result, and a template the filter does not know stops
 haproxy from starting."""
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,19 +21,23 @@ from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig,
 from ray.serve.config import HTTPOptions, gRPCOptions
 
 from app import front
+from app.config import RAY_SERVE_ENV
 
 
-def render(tmp_path: Path, host: str = "127.0.0.1", grpc: bool = False, replica_port: int = 30000) -> Path:
-    """The config Ray's HAProxyManager writes for one app with an Ingress replica and the fallback proxy."""
+def render(tmp_path: Path, host: str = "127.0.0.1", grpc: bool = False, replica_ports: list[int] = (30000,)) -> Path:
+    """The config Ray's HAProxyManager writes for one app with an Ingress replica and the fallback proxy,
+    with the HAProxy settings of Conduit's environment (RAY_SERVE_ENV)."""
     grpc_options = gRPCOptions(port=9000, grpc_servicer_functions=["tests.nothing:add"]) if grpc else gRPCOptions()
     cfg = HAProxyConfig(http_options=HTTPOptions(host=host, port=8000), grpc_options=grpc_options,
+                        retry_on=RAY_SERVE_ENV["RAY_SERVE_HAPROXY_RETRY_ON"],
+                        timeout_client_s=int(RAY_SERVE_ENV["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"]),
                         socket_path=str(tmp_path / "admin.sock"), server_state_base=str(tmp_path),
                         server_state_file=str(tmp_path / "server-state"),
                         metrics_socket_path=str(tmp_path / "metrics.sock"), is_head=True)
     api = HAProxyApi(cfg=cfg, config_file_path=str(tmp_path / "haproxy.cfg"))
     api.backend_configs = {"conduit": BackendConfig(
         name="conduit", path_prefix="/", app_name="conduit", ingress_deployment_name="Ingress",
-        servers=[ServerConfig(name="replica-1", host="127.0.0.1", port=replica_port)],
+        servers=[ServerConfig(name=f"replica-{i}", host="127.0.0.1", port=port) for i, port in enumerate(replica_ports)],
         fallback_server=ServerConfig(name="fallback", host="127.0.0.1", port=8500))}
     api._generate_config_file_internal()
     return Path(api.config_file_path)
@@ -168,8 +176,6 @@ def test_splicing_goes_so_a_clients_close_reaches_the_ingress(tmp_path):
 
 def test_haproxy_stops_when_the_process_that_started_it_dies(tmp_path):
     """A manager killed outright must not leave haproxy holding its ports."""
-    import time
-
     path = render(tmp_path)
     text = path.read_text()
     for port in ("8000", "9101", "8404"):
@@ -188,6 +194,8 @@ def test_haproxy_stops_when_the_process_that_started_it_dies(tmp_path):
 
 
 class KeepAliveReplica(BaseHTTPRequestHandler):
+    """An Ingress replica's HTTP/1.1 server: 200 to everything, connections kept alive."""
+
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
@@ -196,8 +204,21 @@ class KeepAliveReplica(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b"ok")
 
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        self.do_GET()
+
     def log_message(self, *args):
         pass
+
+
+class StoppingReplica(KeepAliveReplica):
+    """A replica that is stopping: it reads a request, then closes the connection without answering."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
 
 
 def one_response(conn) -> bytes:
@@ -215,18 +236,13 @@ def one_response(conn) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-def test_a_reload_answers_a_request_sent_on_an_idle_kept_alive_connection(tmp_path):
-    """Ray reloads HAProxy on every replica change; the old process soft-stops. A client's request sent
-    on its idle keep-alive connection to that process must still get an answer. Ray's config has
-    `option idle-close-on-response` for it (haproxy alone without it: the idle connection is closed at
-    the soft stop and the request gets nothing); this checks the filtered config keeps that."""
-    import socket
-    import threading
-    import time
-
-    replica = ThreadingHTTPServer(("127.0.0.1", front.free_port()), KeepAliveReplica)
-    threading.Thread(target=replica.serve_forever, daemon=True).start()
-    path = render(tmp_path, replica_port=replica.server_address[1])
+@contextlib.contextmanager
+def haproxy_before(tmp_path, *handlers):
+    """conduit-haproxy on Ray's rendered config, with one replica per handler: (haproxy, a connection)."""
+    replicas = [ThreadingHTTPServer(("127.0.0.1", front.free_port()), handler) for handler in handlers]
+    for replica in replicas:
+        threading.Thread(target=replica.serve_forever, daemon=True).start()
+    path = render(tmp_path, replica_ports=[r.server_address[1] for r in replicas])
     http_port = front.free_port()
     text = path.read_text().replace("127.0.0.1:8000\n", f"127.0.0.1:{http_port}\n")
     for port in ("9101", "8404"):
@@ -243,7 +259,21 @@ def test_a_reload_answers_a_request_sent_on_an_idle_kept_alive_connection(tmp_pa
             except ConnectionRefusedError:
                 assert time.monotonic() < deadline, "haproxy did not listen"
                 time.sleep(0.2)
-        request = f"GET /v1/models HTTP/1.1\r\nhost: 127.0.0.1:{http_port}\r\n\r\n".encode()
+        yield haproxy, conn
+    finally:
+        haproxy.kill()
+        haproxy.wait()
+        for replica in replicas:
+            replica.shutdown()
+
+
+def test_a_reload_answers_a_request_sent_on_an_idle_kept_alive_connection(tmp_path):
+    """Ray reloads HAProxy on every replica change; the old process soft-stops. A client's request sent
+    on its idle keep-alive connection to that process must still get an answer. Ray's config has
+    `option idle-close-on-response` for it (haproxy alone without it: the idle connection is closed at
+    the soft stop and the request gets nothing); this checks the filtered config keeps that."""
+    with haproxy_before(tmp_path, KeepAliveReplica) as (haproxy, conn):
+        request = b"GET /v1/models HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
         conn.sendall(request)
         assert one_response(conn).startswith(b"HTTP/1.1 200")
         haproxy.send_signal(signal.SIGUSR1)  # what a reload does to the old process
@@ -251,7 +281,16 @@ def test_a_reload_answers_a_request_sent_on_an_idle_kept_alive_connection(tmp_pa
         conn.sendall(request)
         answer = one_response(conn)
         assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower(), answer
-    finally:
-        haproxy.kill()
-        haproxy.wait()
-        replica.shutdown()
+
+
+def test_a_request_a_stopping_replica_drops_unanswered_goes_to_another(tmp_path):
+    """A stopping Ingress replica closes its kept-alive connections; a request HAProxy just sent on one
+    gets no answer. HAProxy then closed the client's connection without one (a redeploy under load
+    lost a call that way); with Conduit's retry-on it sends the request to another replica."""
+    with haproxy_before(tmp_path, StoppingReplica, KeepAliveReplica) as (_, conn):
+        body = b'{"model": "m", "prompt": "hi"}'
+        request = b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n" \
+                  b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        for _ in range(6):  # leastconn takes turns between the two
+            conn.sendall(request)
+            assert one_response(conn).startswith(b"HTTP/1.1 200")
