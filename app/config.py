@@ -50,12 +50,18 @@ RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_
 # Ray's Python HTTP proxy as the front instead: `conduit run --front ray-proxy` (bench/compare.py
 # measures both side by side).
 RAY_PROXY_FRONT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-# A single-machine server (`conduit run`, the tests) has no load balancer that must first deregister a
-# stopping ingress, so the ingress need not hold its 30 s minimum draining period (it still finishes
-# every request in flight): Ctrl-C then stops in seconds. Clusters keep Ray's default. Locally the
-# wrapper is this environment's, and HAProxy's stats/exporter and the fallback proxy get free ports,
-# so that two servers (a `make run` and a `make test`) can share the machine.
-LOCAL_RAY_SERVE_ENV = {**RAY_SERVE_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+# A stopping Ingress replica stays reachable for a minimum draining period, so that HAProxy drops it
+# from its list (Ray reloads HAProxy when the replica leaves Serve's routing table) before its port
+# closes; then finishes what it has in flight. With no period (this was 0 locally, for a quick
+# Ctrl-C), a request HAProxy sent in between met a closed port three times in 20 ms and was dropped
+# (test_robustness's redeploy under load, 3 of 4 runs; HAProxy's log: `SC--`, 3 retries, 503).
+# Locally 5 s instead of Ray's 30: the routing update and the reload take about a second here, and
+# Ctrl-C waits this long. Clusters keep Ray's 30. Locally the wrapper is this environment's, and
+# HAProxy's stats/exporter and the fallback proxy get free ports, so that two servers (a `make run`
+# and a `make test`) can share the machine.
+LOCAL_INGRESS_DRAINING_PERIOD_S = 5
+LOCAL_RAY_SERVE_ENV = {**RAY_SERVE_ENV,
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(LOCAL_INGRESS_DRAINING_PERIOD_S),
                        "RAY_SERVE_HAPROXY_BINARY_PATH": local_haproxy_binary(), **local_front_ports()}
 
 
