@@ -16,11 +16,13 @@ import pytest
 import yaml
 
 from app.config import PROJECT_ROOT
-from cluster.local_cluster import free_port
+from app.front import free_port, local_front_ports
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+# A Ray instance of its own: the HAProxy front's own ports (stats, exporter, fallback proxy) must not be
+# the ones this session's Ray instance already holds (they are in os.environ; `conduit run` picks its own)
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", **local_front_ports()}
 
 
 def config_on_port(tmp_path: Path, port: int) -> Path:
@@ -116,7 +118,7 @@ def test_conduit_run_serves_and_stops_on_ctrl_c(tmp_path):
             next(stream.iter_lines())  # then hang up mid-stream
         time.sleep(3)
     finally:
-        stop_group(proc, wait_s=30)  # measured ~8 s; Ray's 30 s ingress draining period is off for local runs
+        stop_group(proc, wait_s=30)  # measured ~8 s before the local 5 s ingress draining period (Ray's: 30 s)
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
     printed = output.read_text()
