@@ -271,7 +271,8 @@ def sweep_config(args, path: Path) -> Path:
     model["engine"].update(max_num_seqs=most, max_waiting=most, num_kv_blocks=most * per_sequence)
     options = next(d for d in app["deployments"] if d["name"] == f"Model-{CONDUIT_MODEL}")
     options.pop("autoscaling_config", None)  # one model replica throughout: a second would share the 2 cores
-    options.update(num_replicas=1, max_ongoing_requests=most + 16, max_queued_requests=2 * most)
+    options.pop("max_ongoing_requests", None)  # the builder derives it from the engine (app/resources.py)
+    options.update(num_replicas=1, max_queued_requests=2 * most)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
