@@ -38,9 +38,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # of answer (`empty-response`; Ray retries only failed connects). An Ingress replica that stops (a
 # redeploy, scale-down) closes its idle keep-alive connections, and HAProxy may have just sent a
 # request on one; HAProxy then closes the client's connection without an answer, so that the client
-# retries (seen: "Server disconnected without sending a response" in a redeploy under load). A request
-# is replayed only if it fits HAProxy's buffer (16 kB); one the replica started on and then died
-# without answering is replayed too, as the official SDKs would do on a dropped connection.
+# retries (tests/unit/test_front.py shows it with the real haproxy; the redeploy drop seen in the e2e
+# suite was another window, the draining period below). A request is replayed only if it fits
+# HAProxy's buffer (16 kB); one the replica started on and then died without answering is replayed
+# too, as the official SDKs would do on a dropped connection.
 FRONT_CLIENT_TIMEOUT_S = 35
 CLUSTER_HAPROXY_BINARY = "/home/ray/anaconda3/bin/conduit-haproxy"
 RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
