@@ -16,6 +16,7 @@ from app.api.model_table import ModelTable
 from app.api.pipeline import Pipeline
 from app.api.server import build_api
 from app.api.stream_mux import StreamMux
+from app.auth import proxy_host
 from app.config import AppConfig
 
 
@@ -41,6 +42,8 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         """Called by Serve after __init__: the app's routes close over this replica's pipeline."""
-        api = build_api(self.pipeline, self.config)
+        # Serve has no public getter for a replica's own deployment options
+        max_ongoing = serve.get_replica_context()._deployment_config.max_ongoing_requests
+        api = build_api(self.pipeline, self.config, proxy_host(), max_ongoing)
         api.add_middleware(CancelOnDisconnect)  # outermost: a client that goes away frees its engine sequences
         return api

@@ -36,5 +36,10 @@ def stream_failure(e: Exception) -> ConduitError:
     return e if isinstance(e, ConduitError) else ConduitError(f"generation failed: {e}", 500, "server_error")
 
 
+def internal_error(e: Exception) -> ConduitError:
+    """A failure no layer mapped to an API error (a bug): a 500 that names it."""
+    return ConduitError(f"internal error: {type(e).__name__}: {e}", 500, "server_error", None, "internal_error")
+
+
 def model_not_found(model: str) -> ConduitError:
     return ConduitError(f"The model `{model}` does not exist.", 404, "invalid_request_error", "model", "model_not_found")

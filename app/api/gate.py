@@ -25,7 +25,6 @@ from app.auth import (
     open_paths,
     presented_key,
     probe_paths,
-    proxy_host,
     unmatched_policies,
 )
 from app.config import AppConfig
@@ -50,8 +49,9 @@ class Gate:
         self.loopback_only = not (config.auth.enabled or config.auth.allow_unauthenticated)
 
     @classmethod
-    def from_config(cls, config: AppConfig) -> Gate:
-        check_exposure(config.auth, proxy_host())  # refuses to start: no keys on a public host
+    def from_config(cls, config: AppConfig, host: str) -> Gate:
+        """`host`: the address the front binds (`http_options.host`)."""
+        check_exposure(config.auth, host)  # refuses to start: no keys on a public host
         keys = KeyStore.from_config(config.auth) if config.auth.enabled else None
         log.info(describe(config.auth, keys or KeyStore([])))
         for unmatched in unmatched_policies(config.auth, keys or KeyStore([])):
@@ -193,11 +193,7 @@ class InFlightCap:
             self.in_flight -= 1
 
 
-def ingress_capacity() -> int:
+def ingress_capacity(max_ongoing: int) -> int:
     """POST calls this ingress replica takes at once: its deployment's max_ongoing_requests less an
     eighth, the headroom for reads and for refusals, which Ray counts as ongoing too."""
-    from ray import serve
-
-    # Serve has no public getter for a replica's own deployment options
-    max_ongoing = serve.get_replica_context()._deployment_config.max_ongoing_requests
     return max(1, max_ongoing - max(1, max_ongoing // 8))

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import access_log, metrics
 from app.api.adapter import build_adapters
-from app.api.errors import ConduitError
+from app.api.errors import ConduitError, internal_error
 from app.api.gate import (
     Admit,
     Authenticate,
@@ -95,7 +95,9 @@ class RequestContext:
                 access_log.finish(record, scope, status)
 
 
-def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
+def build_api(pipeline: Pipeline, config: AppConfig, host: str, max_ongoing_requests: int) -> FastAPI:
+    """`host`: the address the front binds (keyless servers refuse a public one); `max_ongoing_requests`:
+    the ingress deployment's own (the in-flight cap is derived from it)."""
     adapters = build_adapters(pipeline, config)
     default = next(a for a in adapters if a.default)  # OpenAI's error shape wherever no adapter claims the path
 
@@ -124,16 +126,22 @@ def build_api(pipeline: Pipeline, config: AppConfig) -> FastAPI:
     async def on_http_error(request: Request, exc: HTTPException):
         return error_response(request, ConduitError(str(exc.detail), exc.status_code, headers=exc.headers))
 
+    # A bug or an unmapped failure: still a 500 in the API's own shape, naming the exception (clients and
+    # CI logs then say what went wrong); Starlette re-raises it after this, so the traceback is logged.
+    @api.exception_handler(Exception)
+    async def on_unexpected_error(request: Request, exc: Exception):
+        return error_response(request, internal_error(exc))
+
     # Outermost last. A call passes: the access log, the key check (refused calls are answered at
     # once: nothing counts them or reads their body), the capacity check, rate limits and deadline
     # (after capacity, so a call refused for capacity costs its key nothing), then the body read.
-    gate = Gate.from_config(config)
+    gate = Gate.from_config(config, host)
     max_bytes = config.ingress.max_request_bytes
     path_limits = {"/v1/files": config.store.max_file_bytes}  # uploads: batch input files are large
     api.add_middleware(BodyGuard, max_bytes=max_bytes, timeout_s=config.ingress.body_timeout_s,
                        reject=error_response, path_limits=path_limits)
     api.add_middleware(Admit, gate=gate, reject=error_response)
-    api.add_middleware(InFlightCap, limit=ingress_capacity(), reject=error_response)
+    api.add_middleware(InFlightCap, limit=ingress_capacity(max_ongoing_requests), reject=error_response)
     api.add_middleware(Authenticate, gate=gate, reject=error_response)
     api.add_middleware(RequestContext, log_prompts=config.logging.log_prompts, max_bytes=max_bytes,
                        path_limits=path_limits, reject=error_response)
