@@ -16,7 +16,7 @@ from ray import serve
 
 from app.api.errors import ConduitError, model_not_found, unavailable
 from app.api.protocol import PreparedRequest
-from app.api.stream_mux import ChannelOpen, ChannelWanted, Outboxes, Route, pump
+from app.api.stream_mux import ChannelCarried, ChannelOpen, ChannelWanted, Outboxes, Route, pump
 from app.config import ModelConfig
 from app.engine.async_engine import AsyncEngine, EngineDeadError
 from app.engine.engine import LLMEngine, RequestOutput
@@ -81,6 +81,7 @@ class Model:
             outbox = self.outboxes.get(route.ingress) if route else None
             if outbox is not None:  # its deltas go with the ingress's other streams', each engine step
                 self.outboxes.carried += 1
+                yield ChannelCarried()
                 await pump(outbox, route.key, self._deltas(request, lora, 0.0, None, admitted))
                 return
             if route is not None:

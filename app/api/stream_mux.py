@@ -69,6 +69,14 @@ class ChannelWanted:
     replica: str
 
 
+@dataclass(frozen=True)
+class ChannelCarried:
+    """The only item of a request's own call when its channel carries its deltas. A call must yield
+    something: Serve's gRPC transport sends whether the replica accepted the call as initial metadata,
+    which gRPC may drop on a stream with no messages; the caller's Serve then raised "Unexpected
+    error (StatusCode.OK)" for an accepted request (CI's multinode 500)."""
+
+
 # model replica side ---------------------------------------------------------------------------
 def channel_closed() -> Exception:
     return unavailable("The stream's channel to the ingress closed; retry.", "replica_unavailable")
@@ -271,6 +279,8 @@ class StreamMux:
         wanted = None
         try:
             async for item in call:
+                if isinstance(item, ChannelCarried):
+                    continue
                 if isinstance(item, ChannelWanted):
                     wanted = item.replica
                     continue
