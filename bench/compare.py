@@ -1,6 +1,8 @@
 """Conduit side by side with what it should be judged against, on the tiny demo model, in one run:
 
   (a) ceiling    batched greedy decode in-process (transformers + DynamicCache), no serving at all
+  (a2) engine    Conduit's engine in-process under the served load (N sequences in flight, back to back),
+                 with the model replica's torch threads: splits the gap between (a) and (b)
   (b) Conduit    through its HTTP front, HAProxy (`conduit run serve_config.yaml`), N streaming clients
   (b1) Conduit   the same behind Ray's Python HTTP proxy, the front before (`conduit run --front ray-proxy`)
   (c) transformers serve --continuous-batching, same model directory, same clients
@@ -103,6 +105,55 @@ def raw_ceiling(batch: int, prompt_words: int, max_tokens: int) -> dict:
         "tpot_ms_p50": statistics.median(steps) * 1e3,  # one decode step = one token for each sequence
         "cpu_ms_per_token": cpu * 1e3 / (batch * max_tokens),
     }
+
+
+def replica_threads() -> int:
+    """The served model replica's torch threads: engine.num_threads, else its num_cpus (deployments/model.py)."""
+    import yaml
+
+    app = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())["applications"][0]
+    model = next(m for m in app["args"]["models"] if m["name"] == CONDUIT_MODEL)
+    options = next(d for d in app["deployments"] if d["name"] == f"Model-{CONDUIT_MODEL}")
+    return model["engine"].get("num_threads") or max(1, int(options["ray_actor_options"].get("num_cpus", 1)))
+
+
+def engine_alone(concurrency: int, prompt_words: int, max_tokens: int, num_requests: int) -> dict:
+    """Conduit's engine with no serving around it, under the served runs' load: `concurrency`
+    sequences in flight, the next request added as one finishes, on the replica's thread count. What
+    lies between this and the served rate is the serving path's; between the ceiling and this, the
+    engine's (prefills between decode steps, the paged cache, per-request sampling)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.config import EngineConfig
+    from app.engine.engine import LLMEngine
+    from app.engine.sampling_params import SamplingParams
+
+    threads = replica_threads()
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=concurrency, max_model_len=1024).resolved(1024))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    def run(total: int) -> tuple[float, float]:
+        sent = tokens = 0
+        for sent in range(min(concurrency, total)):
+            engine.add_request(str(sent), tokenizer(synthetic_prompt(prompt_words, sent))["input_ids"], params)
+        sent += 1
+        start, cpu_start = time.perf_counter(), time.process_time()
+        while engine.has_work():
+            for out in engine.step():
+                tokens += len(out.token_ids)
+                if out.finished and sent < total:
+                    engine.add_request(str(sent), tokenizer(synthetic_prompt(prompt_words, sent))["input_ids"], params)
+                    sent += 1
+        return tokens / (time.perf_counter() - start), (time.process_time() - cpu_start) * 1e3 / tokens
+
+    run(concurrency)  # warm-up: the attention kernel's compilations, first-touch pages
+    throughput, cpu = max(run(num_requests) for _ in range(2))
+    return {"output_throughput": throughput, "cpu_ms_per_token": cpu, "threads": threads,
+            "ttft_ms_p50": None, "tpot_ms_p50": None}
 
 
 def sequential_generate(prompt_words: int, max_tokens: int, num_requests: int) -> dict:
@@ -408,6 +459,7 @@ def ratio_rows(results: dict) -> list[tuple[str, float | None, str, bool | None]
         other = results.get(key)
         return conduit / other["output_throughput"] if conduit and other else None
 
+    served_over_engine = conduit / results["engine"]["output_throughput"] if conduit and "engine" in results else None
     overhead = None
     if "conduit" in results:
         overhead = results["conduit"]["single"]["ttft_ms_p50"] - results["ceiling"]["ttft_ms_p50"]
@@ -417,6 +469,8 @@ def ratio_rows(results: dict) -> list[tuple[str, float | None, str, bool | None]
         ("Conduit / unbatched (tok/s)", ratio("unbatched"), f">= {TARGETS['unbatched']}", TARGETS["unbatched"]),
     ]
     out = [(name, v, target, None if v is None else v >= t) for name, v, target, t in rows]
+    out.append(("Conduit / its engine alone under the same load (tok/s)", served_over_engine, "(what serving keeps)",
+                None))
     limit = TARGETS["ttft_overhead_ms"]
     out.append(("single-client TTFT p50 - raw prefill+first token (ms)", overhead, f"<= {limit:.0f}",
                 None if overhead is None else overhead <= limit))
@@ -436,11 +490,13 @@ def markdown(results: dict, unavailable: dict, args, info: dict, command: str) -
     c, m = args.concurrency, args.max_tokens
     labels = {
         "ceiling": f"(a) in-process ceiling: batch {c}, greedy + DynamicCache, no serving",
+        "engine": (f"(a2) Conduit's engine alone, in-process: {c} sequences in flight back to back, "
+                   f"{results.get('engine', {}).get('threads', '?')} torch thread(s) as the replica, no serving"),
         "cb": f"(c) transformers serve --continuous-batching, {c} clients",
         "unbatched": "(d) unbatched: one request at a time",
     }
     lines = ["| system | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) |", "|---|---:|---:|---:|"]
-    entries = [("ceiling", results.get("ceiling"))]
+    entries = [("ceiling", results.get("ceiling")), ("engine", results.get("engine"))]
     for key in VARIANTS:
         if key == "baseline" and key not in results and key not in unavailable:
             continue
@@ -531,6 +587,8 @@ def cpu_section(results: dict) -> str:
                  + " | ".join(f"**{serving_path(run):.2f}**" for run in runs.values()) + " |")
     lines.append("| **all processes** | " + " | ".join(f"**{sum(run.values()):.2f}**" for run in runs.values()) + " |")
     lines.append(f"| (a) in-process ceiling, for comparison | {results['ceiling']['cpu_ms_per_token']:.2f} |")
+    if "engine" in results:
+        lines.append(f"| (a2) Conduit's engine alone, for comparison | {results['engine']['cpu_ms_per_token']:.2f} |")
     cores = os.cpu_count() or 1
     lines += ["", f"On {cores} cores this CPU bill alone caps the served rate at {cores * 1e3 / total:,.0f} tok/s, "
               f"whatever the scheduling; the ceiling's bill caps it at "
@@ -576,16 +634,15 @@ def plot(results: dict, path: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["(a) in-process\nceiling", "(b) Conduit\nHAProxy", "(b1) Conduit\nRay proxy", "(b0) Conduit\nbaseline",
-             "(c) transformers\nserve CB", "(d) unbatched"]
-    keys = ["ceiling", "conduit", "ray_proxy", "baseline", "cb", "unbatched"]
-    if "baseline" not in results:  # not asked for
-        names, keys = names[:3] + names[4:], keys[:3] + keys[4:]
+    names = {"ceiling": "(a) in-process\nceiling", "engine": "(a2) engine\nalone", "conduit": "(b) Conduit\nHAProxy",
+             "ray_proxy": "(b1) Conduit\nRay proxy", "baseline": "(b0) Conduit\nbaseline",
+             "cb": "(c) transformers\nserve CB", "unbatched": "(d) unbatched"}
+    keys = [k for k in names if k != "baseline" or "baseline" in results]  # the baseline only when asked for
     values = [(results[k]["loaded"] if k in VARIANTS else results[k])["output_throughput"]
               if k in results else 0.0 for k in keys]
-    fig, (ax, sweep_tps, sweep_ttft) = plt.subplots(1, 3, figsize=(17, 4.5), width_ratios=[2, 1, 1])
-    colors = {"ceiling": "0.6", "conduit": "C0", "ray_proxy": "C3", "baseline": "C4", "cb": "C1", "unbatched": "C2"}
-    bars = ax.bar(names, values, color=[colors[k] for k in keys])
+    fig, (ax, sweep_tps, sweep_ttft) = plt.subplots(1, 3, figsize=(19, 4.5), width_ratios=[2, 1, 1])
+    colors = {"ceiling": "0.6", "engine": "0.8", "conduit": "C0", "ray_proxy": "C3", "baseline": "C4", "cb": "C1", "unbatched": "C2"}
+    bars = ax.bar([names[k] for k in keys], values, color=[colors[k] for k in keys])
     ax.bar_label(bars, labels=[f"{v:,.0f}" if v else "n/a" for v in values])
     ax.set_ylabel("output tokens/s")
     ax.set_title(f"demo model, {args.concurrency} streaming clients x {args.max_tokens} tokens")
@@ -637,6 +694,11 @@ def main(argv: list[str] | None = None) -> int:
     results["ceiling"] = raw_ceiling(args.concurrency, args.prompt_tokens, args.max_tokens)
     print(f"  {results['ceiling']['output_throughput']:.0f} tok/s; batch-1 prefill+first token "
           f"{results['ceiling']['ttft_ms_p50']:.1f} ms", flush=True)
+
+    phase("(a2) Conduit's engine alone, in-process, under the same load")
+    results["engine"] = engine_alone(args.concurrency, args.prompt_tokens, args.max_tokens, args.num_requests)
+    print(f"  {results['engine']['output_throughput']:.0f} tok/s on {results['engine']['threads']} thread(s), "
+          f"{results['engine']['cpu_ms_per_token']:.2f} CPU-ms per token", flush=True)
 
     for key, front in (("conduit", None), ("ray_proxy", "ray-proxy")):
         phase(f"{VARIANTS[key]}")

@@ -29,6 +29,8 @@ greedy tokens equal `generate` in float32) the KV block size must be a multiple 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -37,6 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 CPU_PREFILL_TILE = 16
 LOGICAL_SLOTS = 1 << 16
 MAX_TILE = 64  # query rows per attention tile, at most
+SHARED_ROWS, SHARED_WIDTH = 4096, 64  # the mask buffers' least sizes: query rows, blocks per sequence
 # CUDA: Triton's tl.dot needs 16-row tiles (and so KV blocks a multiple of 16 tokens); the main
 # kernel, not the decoding one, which assumes one query tile per batch entry
 KERNEL_OPTIONS = {"cuda": {"BLOCK_M": 16, "BLOCK_N": 16, "FORCE_USE_FLEX_ATTENTION": True}}
@@ -89,12 +92,24 @@ def use_paged_attention(model) -> None:
     model.set_attn_implementation(ATTENTION)
 
 
+@dataclass(frozen=True)
+class ForwardSize:
+    """The largest forward the mask's buffers are sized for up front: `tokens` new tokens from up to
+    `sequences` sequences, none longer than `max_len`. The buffers have static sizes, so a size first
+    met at runtime is a compilation while every stream waits (seconds): a prefill step of 29 prompts of
+    140 tokens, 4,176 rows once each is padded to whole tiles, used to outgrow the 4,096 rows sized
+    for every engine and stall the first load after each start."""
+    tokens: int = 4096
+    sequences: int = 64
+    max_len: int = 1024
+
+
 class PagedKVCache:
     """The object transformers' attention layers call `update()` on. Pools are allocated on first
     use, from the shapes the model really produces (so head counts and dims need no config lookup;
     under tensor parallelism a rank's pool holds its own heads)."""
 
-    def __init__(self, num_blocks: int, block_size: int, device: torch.device):
+    def __init__(self, num_blocks: int, block_size: int, device: torch.device, size: ForwardSize = ForwardSize()):
         self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
@@ -106,7 +121,16 @@ class PagedKVCache:
         # (tests) then share compilations
         slots = max(LOGICAL_SLOTS, 1 << (num_blocks - 1).bit_length())
         self._logical_device = torch.zeros(slots, dtype=torch.long, device=device)
-        self._grow(rows=4096, width=64)
+        pad = query_tile(device, size.tokens) - 1  # each sequence's last tile
+        # never below the sizes small engines share: engines of different sizes in one process (tests)
+        # then share compilations, as the logical slots above do
+        self._grow(rows=max(SHARED_ROWS, size.tokens + pad * size.sequences),
+                   width=max(SHARED_WIDTH, -(-size.max_len // block_size)))
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(query rows, blocks per sequence) the mask's buffers hold now; more means a compilation."""
+        return self._rows, self._width
 
     # per forward ----------------------------------------------------------------------------
     def plan(self, spans: list[tuple[list[int], int, int]], tile: int = 1) -> tuple[BlockMask, torch.Tensor | None]:

@@ -24,7 +24,7 @@ from app.engine.errors import RequestRejected
 from app.engine.logprobs import Logprob, TokenLogprobs, TokenNames, token_logprobs
 from app.engine.lora.adapter import LoraAdapter
 from app.engine.lora.slots import LoraSlots
-from app.engine.model_runner import ModelRunner
+from app.engine.model_runner import ModelRunner, forward_size
 from app.engine.sampler import sample
 from app.engine.sampling_params import SamplingParams
 from app.engine.scheduler import Scheduler
@@ -100,7 +100,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.runner = runner or ModelRunner(model, config.num_kv_blocks, config.block_size)
+        self.runner = runner or ModelRunner(model, config.num_kv_blocks, config.block_size, forward_size(config))
         self.loras = None
         if lora is not None:
             if not isinstance(self.runner, ModelRunner):  # the weights are in tensor-parallel workers

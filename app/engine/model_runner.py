@@ -31,7 +31,9 @@ against 0.04-0.14 ms for a batch-1 gather + SDPA), which the gather it removes d
 small batches and ~128-token contexts.
 
 The kernel compiles at start-up (twice per query tile, ~10-40 s on this machine, then cached on
-disk by Inductor, a few seconds on later starts). Memory: the pool is exactly the blocks; a shared
+disk by Inductor, a few seconds on later starts), for mask buffers already sized for the engine's
+largest prefill step (`forward_size`): a size first met at runtime would compile while every stream
+waits (docs/benchmark.md: the first load after a start ran at 350 tok/s against 1,204). Memory: the pool is exactly the blocks; a shared
 prefix is one set of blocks, never copied.
 """
 
@@ -41,20 +43,30 @@ import inspect
 
 import torch
 
-from app.engine.attention import PagedKVCache, query_tile, use_paged_attention
+from app.config import EngineConfig
+from app.engine.attention import ForwardSize, PagedKVCache, query_tile, use_paged_attention
 from app.engine.lora.slots import LoraSlots
+from app.engine.scheduler import borrowed_slots
 from app.engine.sequence import Sequence
 
 # (block table, token ids, start, end): one sequence computing its positions [start, end)
 Span = tuple[list[int], list[int], int, int]
 
 
+def forward_size(config: EngineConfig) -> ForwardSize:
+    """The largest forward an engine with `config` runs: a prefill step's token budget from every batch
+    slot, borrowed ones included. (A lone prompt over the budget, which the scheduler still admits,
+    grows the buffers once, as does a prefill span scored alone.)"""
+    return ForwardSize(config.max_prefill_tokens, config.max_num_seqs + borrowed_slots(config.max_num_seqs),
+                       config.max_model_len)
+
+
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int):
+    def __init__(self, model, num_blocks: int, block_size: int, size: ForwardSize = ForwardSize()):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         use_paged_attention(self.model)
-        self.cache = PagedKVCache(num_blocks, block_size, self.device)
+        self.cache = PagedKVCache(num_blocks, block_size, self.device, size)
         # transformers 5 renamed `past_key_values` to `cache`; models not yet migrated take the old name
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.lora: LoraSlots | None = None  # the engine's adapter slots, when it serves LoRA (app/engine/lora/)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from app.config import ModelConfig
-from app.engine.model_runner import ModelRunner
+from app.engine.model_runner import ModelRunner, forward_size
 from app.engine.sequence import Sequence
 from app.loading import model_source
 
@@ -78,7 +78,7 @@ class TensorParallelWorker:
             attn_implementation="sdpa",
             distributed_config=DistributedConfig(tp_size=self.world_size),
         )
-        self.runner = ModelRunner(model, engine.num_kv_blocks, engine.block_size)
+        self.runner = ModelRunner(model, engine.num_kv_blocks, engine.block_size, forward_size(engine))
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from app.engine.attention import ForwardSize
 from app.engine.model_runner import ModelRunner
 from app.engine.sampling_params import SamplingParams
 from app.engine.sequence import Sequence
@@ -119,20 +120,44 @@ def test_many_lengths_in_one_batch_equal_generate(hf_model, reference_greedy):
         assert outputs[str(i)] == reference_greedy(p, 12), f"request {i} ({len(p)} tokens) diverged"
 
 
+def burst_prompts(tokenizer, count: int = 32, length: int = 150) -> list[list[int]]:
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(length)) for i in range(count)]
+    return [tokenizer.encode(text)[:length] for text in texts]
+
+
 @torch.inference_mode()
 def test_a_prefill_burst_that_outgrows_the_mask_buffers(hf_model):
-    """32 prompts of ~150 tokens in one forward: more query rows than the mask's first buffers hold
-    (4096), so they grow and the kernel compiles for the new size. Under automatic dynamic shapes that
-    compile failed in Inductor's C++ codegen (the replica's engine died); each prompt's logits must
-    equal the model's alone."""
+    """32 prompts of ~150 tokens in one forward through a runner sized for less: more query rows than
+    the mask's buffers hold, so they grow and the kernel compiles for the new size. Under automatic
+    dynamic shapes that compile failed in Inductor's C++ codegen (the replica's engine died); each
+    prompt's logits must equal the model's alone."""
     model, tokenizer = hf_model
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
-    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(150)) for i in range(32)]
-    prompts = [tokenizer.encode(text)[:150] for text in texts]
+    prompts = burst_prompts(tokenizer)
     block = 16
-    runner = ModelRunner(model, num_blocks=32 * 10, block_size=block)
+    runner = ModelRunner(model, num_blocks=32 * 10, block_size=block, size=ForwardSize(tokens=1024, sequences=8))
+    rows = runner.cache.capacity[0]
     seqs = [sequence(tokens, list(range(i * 10, i * 10 + -(-len(tokens) // block)))) for i, tokens in enumerate(prompts)]
-    assert sum(-(-len(tokens) // 16) * 16 for tokens in prompts) > 4096  # the padded query rows outgrow 4096
+    assert sum(-(-len(tokens) // 16) * 16 for tokens in prompts) > rows  # the padded query rows outgrow them
     logits = runner.forward([(seq, 0, seq.num_tokens) for seq in seqs])
+    assert runner.cache.capacity[0] > rows
     for i in (0, 13, 31):
         torch.testing.assert_close(logits[i], full_logits(model, prompts[i])[-1], atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_a_burst_within_the_prefill_budget_finds_its_buffers_ready(hf_model, reference_greedy):
+    """An engine sizes the mask's buffers for its prefill budget from every batch slot when it starts:
+    32 prompts of 150 tokens arriving together (27 fit the 4,096-token budget of one step: 4,320 query
+    rows once padded to tiles) must fit them. Growing them compiles the kernel while every stream
+    waits: before, this burst outgrew the 4,096 rows sized for everyone and stalled the first load
+    after each start by seconds."""
+    engine = make_engine(hf_model, max_num_seqs=32, max_model_len=1024)
+    capacity = engine.runner.cache.capacity
+    prompts = burst_prompts(hf_model[1])
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, greedy(4))
+    outputs = run_all(engine)
+    assert engine.runner.cache.capacity == capacity
+    for i in (0, 31):
+        assert outputs[str(i)] == reference_greedy(prompts[i], 4)

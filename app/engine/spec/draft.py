@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from app.engine.block_manager import BlockManager
+from app.engine.attention import ForwardSize
 from app.engine.model_runner import ModelRunner
 
 
@@ -60,9 +61,10 @@ class DraftSequence:
 
 
 class DraftModelProposer:
-    def __init__(self, model, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, runner=None):
+    def __init__(self, model, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, runner=None,
+                 size: ForwardSize = ForwardSize()):
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.runner = runner or ModelRunner(model, num_blocks, block_size)
+        self.runner = runner or ModelRunner(model, num_blocks, block_size, size)
         self.shadows: dict[str, DraftSequence] = {}
 
     @torch.inference_mode()

@@ -4,6 +4,7 @@ target (same device and dtype, its own paged KV cache)."""
 from __future__ import annotations
 
 from app.config import EngineConfig
+from app.engine.model_runner import forward_size
 from app.engine.spec.draft import DraftModelProposer, tokenizers_match
 from app.engine.spec.ngram import NgramProposer
 
@@ -23,4 +24,4 @@ def build_proposer(config: EngineConfig, target_model, target_tokenizer):
     param = next(target_model.parameters())
     draft = AutoModelForCausalLM.from_pretrained(spec.draft_model, dtype=param.dtype).to(param.device)
     return DraftModelProposer(draft, spec.draft_num_kv_blocks or config.num_kv_blocks, config.block_size,
-                              config.enable_prefix_caching)
+                              config.enable_prefix_caching, size=forward_size(config))
