@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -120,8 +122,8 @@ def run_batch(input_path: str, output: Path, target: BatchTarget, address: str =
         dataset = read_input(input_path, out.done).map_batches(
             worker, fn_constructor_args=(target.model, target.ingress), batch_format="numpy",
             batch_size=batch_size or lines_per_batch, compute=ray.data.ActorPoolStrategy(size=actors), **options)
-        with out, Progress(total, before, show_progress) as progress:
-            _write(dataset, out, progress, summary)
+        with out, Progress(total, before, show_progress) as progress, CtrlC() as ctrl_c:
+            _write(dataset, out, progress, summary, ctrl_c)
     finally:
         if started_ray:
             ray.shutdown()
@@ -146,7 +148,30 @@ def _actors(wanted: int, options: dict, cluster: dict) -> int:
     return actors
 
 
-def _write(dataset, out: OutputFile, progress: Progress, summary: BatchSummary) -> None:
+class CtrlC:
+    """SIGINT raises KeyboardInterrupt as usual and is also remembered: _write stops at the next batch
+    even where the interrupt was raised inside Ray Data's iterator threads' machinery and lost there (a
+    CI run's job went on to its last line, exit 0, after its Ctrl-C). Main thread only."""
+
+    def __init__(self):
+        self.pressed = threading.Event()
+        self.previous = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.pressed.set()
+        signal.default_int_handler(signum, frame)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _write(dataset, out: OutputFile, progress: Progress, summary: BatchSummary, ctrl_c: CtrlC) -> None:
     written = set(out.done.custom_ids)
     started = time.monotonic()
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
@@ -167,6 +192,8 @@ def _write(dataset, out: OutputFile, progress: Progress, summary: BatchSummary) 
             summary.by_node[str(node)] += 1
         out.flush()
         progress.update(len(batch["line"]), int(batch["completion_tokens"].sum()))
+        if ctrl_c.pressed.is_set():
+            raise KeyboardInterrupt
     summary.elapsed_s = time.monotonic() - started
 
 

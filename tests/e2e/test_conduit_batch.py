@@ -24,8 +24,9 @@ pytestmark = pytest.mark.e2e
 CONDUIT = Path(sys.executable).with_name("conduit")
 MODEL = "conduit-demo"
 TOKENS = 8
-CHATS = 240  # chat lines in the job; with the completion and the 5 bad lines, 246 lines. Enough that the
-# first run cannot finish in the moment between its first written lines and its Ctrl-C (with 60 it once did)
+CHATS = 480  # chat lines in the job; with the completion and the 5 bad lines, 486 lines. Enough that the
+# first run cannot finish in the moment between its first written lines and its Ctrl-C (with 60 it once
+# did; with 240 a CI run once wrote its last 218 lines in 4 s, its interrupt lost: app/batch/job.py CtrlC)
 WORDS = "the quick brown fox jumps over a lazy dog while code runs on every node".split()
 
 
@@ -130,13 +131,14 @@ def job(cluster, tmp_path_factory, model_path):
         while not output.exists() or output.read_text().count("\n") < 12:
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
             time.sleep(0.05)
+        at_signal = output.read_text().count("\n")
         first.send_signal(signal.SIGINT)  # Ctrl-C
         _, err = first.communicate(timeout=120)
     finally:
         if first.poll() is None:  # it did not stop: end its whole session
             os.killpg(first.pid, signal.SIGKILL)
-    assert first.returncode == 130, err[-3000:]
     kept = output.read_text().splitlines()
+    assert first.returncode == 130, f"{at_signal} lines at the Ctrl-C, {len(kept)} at the end\n{err[-3000:]}"
     summary = run_batch(config, source, output, "--address", cluster.address, "--batch-size", "8")
     return config, kept, summary, output
 
