@@ -76,7 +76,7 @@ def finish(record: AccessRecord, scope, status: int) -> None:
 
 def tokenized(model: str, prompt_tokens: int, seconds: float, prompt=None) -> None:
     """The tokenizer stage is done: `prompt_tokens` for `model`, taking `seconds` (hop included)."""
-    metrics.observe("conduit:tokenizer_latency_seconds", seconds, model_name=model)
+    metrics.deferred.observe("conduit:tokenizer_latency_seconds", seconds, model_name=model)
     record = _current.get()
     if record is not None:
         record.model, record.prompt_tokens = model, prompt_tokens
@@ -101,14 +101,14 @@ def output(out) -> None:
 def close_record(record: AccessRecord, status: int) -> None:
     """The response is sent: count it, time it, and write its access-log line."""
     route, model = record.route or "unmatched", record.model or ""
-    metrics.inc("conduit:http_requests", 1, route=route, status=str(status))
+    metrics.deferred.inc("conduit:http_requests", 1, route=route, status=str(status))
     if status >= 400:
-        metrics.inc("conduit:request_errors", 1, route=route, model_name=model, status=str(status))
+        metrics.deferred.inc("conduit:request_errors", 1, route=route, model_name=model, status=str(status))
     if record.model and record.first_output is not None:
-        metrics.observe("conduit:time_to_first_token_seconds", record.first_output - record.started,
-                        model_name=model, route=route)
-        metrics.observe("conduit:e2e_request_latency_seconds", time.monotonic() - record.started,
-                        model_name=model, route=route)
+        metrics.deferred.observe("conduit:time_to_first_token_seconds", record.first_output - record.started,
+                                 model_name=model, route=route)
+        metrics.deferred.observe("conduit:e2e_request_latency_seconds", time.monotonic() - record.started,
+                                 model_name=model, route=route)
     if route in UNLOGGED_ROUTES:
         return
     text, fields = record.line(status)

@@ -191,21 +191,42 @@ def observe(name: str, value: float, **tags: str) -> None:
 
 
 class Deferred:
-    """Counter increments and histogram observations made on a replica's event loop, written to Ray
-    by `flush` on another thread. Ray's record call releases the GIL: made on the event loop, each
-    one handed the GIL to the engine thread and waited to get it back (measured in a Ray worker
-    beside a busy Python thread: ~0.8 ms a call, against 3.5 us alone), two calls per streamed token
-    and eight per request, while every stream's next delta and every arriving request waited.
-    Appending here never releases it. Increments are summed per series before they are written."""
+    """Counter increments and histogram observations made on a serving path, written to Ray by a
+    thread of their own every `interval_s`. Ray's record call releases the GIL: made on an event
+    loop, each one handed the GIL to another thread (a model replica's engine, Serve's router loop)
+    and waited to get it back (measured in a Ray worker beside a busy Python thread: ~0.8 ms a call,
+    against 3.5 us alone): a model replica made two per streamed token and eight per request while
+    every stream's next delta and every arriving request waited. Appending here never releases it.
+    Increments are summed per series before they are written."""
 
-    def __init__(self):
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s = interval_s
         self._records: deque[tuple[bool, str, float, dict[str, str]]] = deque()  # (is an increment, ...)
+        self._writer: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def inc(self, name: str, value: float, **tags: str) -> None:
-        self._records.append((True, name, value, tags))
+        self._append((True, name, value, tags))
 
     def observe(self, name: str, value: float, **tags: str) -> None:
-        self._records.append((False, name, value, tags))
+        self._append((False, name, value, tags))
+
+    def _append(self, record: tuple) -> None:
+        self._records.append(record)
+        if self._writer is None:
+            with self._lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_forever, name="conduit-metrics-writer",
+                                                    daemon=True)
+                    self._writer.start()
+
+    def _write_forever(self) -> None:
+        while True:
+            time.sleep(self.interval_s)
+            try:
+                self.flush()
+            except Exception:  # a metrics hiccup must never take the process down
+                log.exception("writing metrics failed")
 
     def flush(self) -> None:
         """Writes what has been recorded so far."""
@@ -219,6 +240,9 @@ class Deferred:
                 observe(name, value, **tags)
         for (name, tags), value in sums.items():
             inc(name, value, **dict(tags))
+
+
+deferred = Deferred()  # the process's: what its serving path records
 
 
 class LoadProgress:
@@ -245,13 +269,11 @@ class LoadProgress:
 
 
 class ModelMetrics:
-    """A model replica's vLLM metrics: per token and per request from the engine's outputs (kept in
-    `deferred` and written by the `poll` thread), per interval from `LLMEngine.stats()` (read by
-    that thread)."""
+    """A model replica's vLLM metrics: per token and per request from the engine's outputs (through
+    `deferred`), per interval from `LLMEngine.stats()` (read by a background thread)."""
 
     def __init__(self, model_name: str, replica: str, block_size: int):
         self.tags = {"model_name": model_name, "engine": replica}
-        self.deferred = Deferred()
         self.block_size = block_size  # the engine counts prefix lookups in blocks, vLLM in tokens
         self._last_counters = {"vllm:prefix_cache_queries": 0, "vllm:prefix_cache_hits": 0, "vllm:num_preemptions": 0}
         self._last_preemptions = dict.fromkeys(PREEMPTION_CAUSES, 0)
@@ -285,7 +307,7 @@ class ModelMetrics:
 
     def delta(self, out, first: bool) -> None:
         """One streamed delta (RequestOutput) of a request; `first`: the request's first delta."""
-        record = self.deferred
+        record = deferred
         if first:
             record.inc("vllm:prompt_tokens", out.num_prompt_tokens, **self.tags)
         record.inc("vllm:generation_tokens", len(out.token_ids), **self.tags)
@@ -295,7 +317,7 @@ class ModelMetrics:
             self._finished(out)
 
     def _finished(self, out) -> None:
-        t, record = out.timings, self.deferred
+        t, record = out.timings, deferred
         record.inc("vllm:request_success", 1, finished_reason=out.finish_reason, **self.tags)
         record.observe("vllm:time_to_first_token_seconds", t.first_token - t.arrival, **self.tags)
         record.observe("vllm:e2e_request_latency_seconds", t.last_token - t.arrival, **self.tags)
@@ -309,7 +331,7 @@ class ModelMetrics:
 
     def aborted(self) -> None:
         """The client went away (or the request failed) before the engine finished it."""
-        self.deferred.inc("vllm:request_success", 1, finished_reason="abort", **self.tags)
+        deferred.inc("vllm:request_success", 1, finished_reason="abort", **self.tags)
 
     def record_stats(self, stats) -> None:
         """One `EngineStats` reading: gauges set, cumulative engine counters turned into increments."""
@@ -379,13 +401,12 @@ class ModelMetrics:
         self._last_lora = current
 
     def poll(self, read_stats, read_lora=None, interval_s: float = 1.0) -> threading.Thread:
-        """Write the deferred records and record `read_stats()` (and `read_lora()`, for a model
-        serving LoRA adapters) every `interval_s` in a daemon thread."""
+        """Record `read_stats()` (and `read_lora()`, for a model serving LoRA adapters) every
+        `interval_s` in a daemon thread."""
 
         def loop() -> None:
             while True:
                 try:
-                    self.deferred.flush()
                     self.record_stats(read_stats())
                     if read_lora is not None:
                         self.record_lora(read_lora())

@@ -62,8 +62,8 @@ class PrefixAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             ranks = self._adapter_ranks(ranked, request.lora)
         else:
             ranks = self._prefix_ranks(ranked, tenant)
-        metrics.observe("conduit:router_latency_seconds", time.perf_counter() - started,
-                        deployment=self._deployment_id.name)
+        metrics.deferred.observe("conduit:router_latency_seconds", time.perf_counter() - started,
+                                 deployment=self._deployment_id.name)
         return ranks
 
     def _prefix_ranks(self, ranked: list[RunningReplica], tenant: str) -> list[list[RunningReplica]]:
