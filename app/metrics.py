@@ -307,27 +307,26 @@ class ModelMetrics:
 
     def delta(self, out, first: bool) -> None:
         """One streamed delta (RequestOutput) of a request; `first`: the request's first delta."""
-        record = deferred
         if first:
-            record.inc("vllm:prompt_tokens", out.num_prompt_tokens, **self.tags)
-        record.inc("vllm:generation_tokens", len(out.token_ids), **self.tags)
+            deferred.inc("vllm:prompt_tokens", out.num_prompt_tokens, **self.tags)
+        deferred.inc("vllm:generation_tokens", len(out.token_ids), **self.tags)
         for gap in out.itl:
-            record.observe("vllm:inter_token_latency_seconds", gap, **self.tags)
+            deferred.observe("vllm:inter_token_latency_seconds", gap, **self.tags)
         if out.finished:
             self._finished(out)
 
     def _finished(self, out) -> None:
-        t, record = out.timings, deferred
-        record.inc("vllm:request_success", 1, finished_reason=out.finish_reason, **self.tags)
-        record.observe("vllm:time_to_first_token_seconds", t.first_token - t.arrival, **self.tags)
-        record.observe("vllm:e2e_request_latency_seconds", t.last_token - t.arrival, **self.tags)
-        record.observe("vllm:request_queue_time_seconds", t.first_scheduled - t.arrival, **self.tags)
-        record.observe("vllm:request_prefill_time_seconds", t.first_token - t.first_scheduled, **self.tags)
-        record.observe("vllm:request_decode_time_seconds", t.last_token - t.first_token, **self.tags)
-        record.observe("vllm:request_inference_time_seconds", t.last_token - t.first_scheduled, **self.tags)
+        t = out.timings
+        deferred.inc("vllm:request_success", 1, finished_reason=out.finish_reason, **self.tags)
+        deferred.observe("vllm:time_to_first_token_seconds", t.first_token - t.arrival, **self.tags)
+        deferred.observe("vllm:e2e_request_latency_seconds", t.last_token - t.arrival, **self.tags)
+        deferred.observe("vllm:request_queue_time_seconds", t.first_scheduled - t.arrival, **self.tags)
+        deferred.observe("vllm:request_prefill_time_seconds", t.first_token - t.first_scheduled, **self.tags)
+        deferred.observe("vllm:request_decode_time_seconds", t.last_token - t.first_token, **self.tags)
+        deferred.observe("vllm:request_inference_time_seconds", t.last_token - t.first_scheduled, **self.tags)
         if out.num_output_tokens > 1:
             tpot = (t.last_token - t.first_token) / (out.num_output_tokens - 1)
-            record.observe("vllm:request_time_per_output_token_seconds", tpot, **self.tags)
+            deferred.observe("vllm:request_time_per_output_token_seconds", tpot, **self.tags)
 
     def aborted(self) -> None:
         """The client went away (or the request failed) before the engine finished it."""
