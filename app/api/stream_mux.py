@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from app.api.disconnects import cancelled_unless_finished
+from app.api.disconnects import cancel_call, cancelled_unless_finished
 from app.api.errors import unavailable
 from app.api.faults import REPLICA_LOST
 from app.engine.engine import RequestOutput
@@ -324,6 +324,6 @@ class StreamMux:
                 if inbox.replica == replica:
                     inbox.put(e)
         finally:
-            call.cancel()  # a no-op once it has ended; frees the router's attempt if it was never placed
+            cancel_call(call)  # a no-op once it has ended; frees the router's attempt if it was never placed
             if self._channels.get(replica) is asyncio.current_task():
                 del self._channels[replica]

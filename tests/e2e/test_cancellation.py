@@ -9,8 +9,12 @@ import time
 import httpx
 import pytest
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
-from tests.e2e.variants import call_deployment, deploy, model_args
+from app.api.disconnects import cancel_call
+from app.api.protocol import PreparedRequest
+from app.engine.sampling_params import SamplingParams
+from tests.e2e.variants import call_deployment, deploy, model_args, on_handle_loop
 
 pytestmark = pytest.mark.e2e
 APP = "drops"
@@ -111,3 +115,33 @@ def test_streams_of_several_choices_dropped_after_their_first_chunk(drops):
 def test_non_streamed_calls_of_several_choices_dropped_while_waiting(drops):
     assert_engine_freed(drop_while_waiting, f"{drops}/v1/chat/completions", chat(stream=False, n=4), SLOTS // 4)
 
+
+
+def test_calls_cancelled_once_placed_but_not_yet_read_leave_the_engine(drops):
+    """The moment Serve 2.60's own cancel() missed (app/api/disconnects.py, cancel_call): a call
+    placed on its replica whose placement the caller had not read yet. Cancelled there, every one of
+    them must still leave the engine. The calls are kept referenced until then, as a traceback's frames
+    may keep them: a gRPC call that is collected is cancelled by gRPC itself, whatever Serve missed."""
+    sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+
+    async def place_then_cancel(round_: int) -> list:
+        # routed on this loop, as in the ingress (this test process keeps Serve's defaults: conftest.py)
+        handle = DeploymentHandle(DEPLOYMENT, APP)  # not Serve's cached one, already routed elsewhere
+        handle._init(_run_router_in_separate_loop=False)
+        calls = [handle.options(stream=True).generate.remote(
+            PreparedRequest(f"placed-{round_}-{i}", MODEL, [1, 2, 3, 4], sampling)) for i in range(SLOTS)]
+        for call in calls:  # placed: the router has handed each to the replica; nobody has read one
+            while not call._replica_result_future.done():
+                await asyncio.sleep(0.001)
+        while (await handle.stats.remote())["num_running"] < SLOTS:  # all generating
+            await asyncio.sleep(0.01)
+        assert not any(call._replica_result for call in calls), "a call was read: not the case under test"
+        for call in calls:
+            cancel_call(call)
+        return calls
+
+    for round_ in range(ROUNDS):
+        calls = on_handle_loop(place_then_cancel(round_))
+        took, stats = seconds_until_idle(limit_s=IDLE_WITHIN_S)
+        del calls
+        assert idle(stats), f"round {round_}: still in the engine {took:.2f} s after the cancels: {stats}"

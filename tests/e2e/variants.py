@@ -51,19 +51,24 @@ _handles: dict[tuple[str, str], object] = {}
 
 
 def call_deployment(app: str, deployment: str, method: str, *args):
-    """`deployment.method(*args)` through a Serve handle, from synchronous test code. The tests' Ray
-    runs RAY_SERVE_THROUGHPUT_OPTIMIZED, where a handle binds to the event loop of its first call;
-    one loop, kept running in a thread, serves every such call (serve.shutdown needs it open)."""
-    global _handle_loop
-    if _handle_loop is None:
-        _handle_loop = asyncio.new_event_loop()
-        threading.Thread(target=_handle_loop.run_forever, name="serve-handles", daemon=True).start()
+    """`deployment.method(*args)` through a Serve handle, from synchronous test code."""
     handle = _handles.setdefault((app, deployment), serve.get_deployment_handle(deployment, app_name=app))
 
     async def call():
         return await getattr(handle, method).remote(*args)
 
-    return asyncio.run_coroutine_threadsafe(call(), _handle_loop).result(timeout=30)
+    return on_handle_loop(call())
+
+
+def on_handle_loop(coroutine, timeout_s: float = 30):
+    """Runs `coroutine` to its end on the tests' handle loop. The tests' Ray runs
+    RAY_SERVE_THROUGHPUT_OPTIMIZED, where a handle binds to the event loop of its first call; one
+    loop, kept running in a thread, serves every such call (serve.shutdown needs it open)."""
+    global _handle_loop
+    if _handle_loop is None:
+        _handle_loop = asyncio.new_event_loop()
+        threading.Thread(target=_handle_loop.run_forever, name="serve-handles", daemon=True).start()
+    return asyncio.run_coroutine_threadsafe(coroutine, _handle_loop).result(timeout=timeout_s)
 
 
 def model_args(model_path: str, model: str, **engine) -> dict:
