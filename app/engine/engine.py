@@ -106,14 +106,15 @@ class LLMEngine:
             if not isinstance(self.runner, ModelRunner):  # the weights are in tensor-parallel workers
                 raise ValueError("lora is not supported with tensor parallelism")
             self.loras = self.runner.lora = LoraSlots(model, lora.max_adapters_per_replica, lora.max_rank)
+        spec = config.speculative  # docs/speculative-decoding.md
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_prefill_tokens,
-                                   config.tenant_weights, config.preempt_after_s, loras=self.loras)
+                                   config.tenant_weights, config.preempt_after_s, loras=self.loras,
+                                   mix_decodes=not spec)  # a speculative decode step verifies drafts alone
         self.sequences: dict[str, Sequence] = {}
         self.model = model
         self.token_names = TokenNames(tokenizer)
         self._guided = None  # GuidedCompiler, built on the first guided request
         self._guided_lock = threading.Lock()  # the replica's compile pool and the engine thread both ask
-        spec = config.speculative  # docs/speculative-decoding.md
         self.proposer = build_proposer(config, model, tokenizer) if spec else None
         self.gate = SpecGate(spec, self.max_model_len) if spec else None
         self.spec_stats = SpecDecodeStats() if spec else None
@@ -200,20 +201,21 @@ class LLMEngine:
         """One forward over the scheduled sequences and a token for each. Whatever fails for one
         sequence (its forward, its sampling controls, its detokenizing) ends that sequence alone, with
         an output carrying the error; the rest of the batch goes on unchanged."""
-        seqs, is_prefill = self.scheduler.schedule()
+        seqs, num_prefills = self.scheduler.schedule()
         if not seqs:
             return []
         now = time.monotonic()
         for seq in seqs:
             seq.timings.scheduled(now)
         failed: list[RequestOutput] = []
-        if not is_prefill and self.proposer is not None:
+        if not num_prefills and self.proposer is not None:
             seqs, outputs = self._speculative_step(seqs, failed)
         else:
-            seqs, logits = self._run_model(seqs, lambda batch: self._forward(batch, is_prefill), failed)
+            prefilled = set(seqs[:num_prefills])
+            seqs, logits = self._run_model(seqs, lambda batch: self._forward(batch, bool(prefilled)), failed)
             for seq in seqs:
                 seq.num_cached = seq.num_tokens
-                if is_prefill:
+                if seq in prefilled:
                     self.blocks.register_prefix(seq)
             outputs = self._next_tokens(seqs, logits, failed) if seqs else []
         for seq in seqs:
@@ -327,12 +329,12 @@ class LLMEngine:
             self._fail(seq, e, failed)
         return kept, torch.cat(rows)
 
-    def _forward(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        if not is_prefill:
+    def _forward(self, seqs: list[Sequence], any_prefill: bool) -> torch.Tensor:
+        if not any_prefill:
             return self.runner.decode(seqs)
         if seqs[0].scores_prompt:  # the scheduler admits such a sequence alone
             return self._prefill_scored(seqs[0])
-        return self.runner.prefill(seqs)
+        return self.runner.prefill(seqs)  # each sequence's uncached tokens: a prompt's, or a decode's one
 
     def _prefill_scored(self, seq: Sequence) -> torch.Tensor:
         """Prefill a sequence that asked for its prompt's log-probs, in chunks through the paged KV

@@ -65,6 +65,34 @@ def test_requests_joining_a_running_batch(hf_model, reference_greedy):
         assert outputs[str(i)] == reference_greedy(p, 20)
 
 
+def test_a_joining_prompt_prefills_in_the_running_sequences_decode_step(hf_model, reference_greedy):
+    """Admitted prompts and the running sequences' next tokens share a forward while they fit the
+    step's token budget; a prompt that does not fit with them prefills alone."""
+    engine = make_engine(hf_model, max_prefill_tokens=64)
+    words = prompts(hf_model[1], 8, seed=3)
+    long_words = [t for p in words for t in p]
+    ps = {"a": words[0][:10], "b": words[1][:10], "c": words[2][:10], "d": long_words[:63]}
+    outputs: dict[str, list[int]] = {}
+
+    def step_with(*names: str) -> set[str]:
+        for name in names:
+            engine.add_request(name, ps[name], greedy(12))
+        ran = set()
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+            ran.add(out.request_id)
+        return ran
+
+    assert step_with("a", "b") == {"a", "b"}
+    assert step_with("c") == {"a", "b", "c"}, "10 prompt tokens + 2 decodes fit 64: one forward"
+    assert step_with("d") == {"d"}, "63 prompt tokens + 3 decodes do not: it prefills alone"
+    assert step_with() == {"a", "b", "c", "d"}
+    for rid, toks in run_all(engine).items():
+        outputs[rid].extend(toks)
+    for name, p in ps.items():
+        assert outputs[name] == reference_greedy(p, 12), f"request {name} diverged"
+
+
 def test_preemption_keeps_greedy_output(hf_model, reference_greedy):
     # 12 blocks of 16 tokens cannot hold 4 sequences growing to ~70 tokens: some get preempted
     engine = make_engine(hf_model, num_kv_blocks=12, block_size=16)
