@@ -61,4 +61,4 @@ def test_summary_of_no_successful_request_has_no_figures():
 
 def test_cold_start_without_a_server_fails_in_one_line(capsys):
     assert main(["--cold-start", "--url", "http://127.0.0.1:9"]) == 2
-    assert "cold-start benchmark of http://127.0.0.1:9 failed: ConnectError" in capsys.readouterr().err
+    assert "cold-start benchmark of http://127.0.0.1:9 failed: ClientConnectorError" in capsys.readouterr().err
