@@ -125,12 +125,13 @@ class ModelRunner:
         input_ids = torch.tensor([token for _, tokens, _, _ in spans for token in tokens])
         positions = torch.cat([torch.arange(start, end) for _, _, start, end in spans])
         tile = query_tile(self.device, max(end - start for _, _, start, end in spans))
-        mask, rows = self.cache.plan([(blocks, start, end) for blocks, _, start, end in spans], tile)
+        mask, rows, decodes = self.cache.plan([(blocks, start, end) for blocks, _, start, end in spans], tile)
         out = self.model(
             input_ids=input_ids[None].to(self.device),
             position_ids=positions[None].to(self.device),
             attention_mask=mask,
             paged_rows=rows,
+            paged_decodes=decodes,
             **{self.cache_kwarg: self.cache},
             use_cache=True,
             logits_to_keep=logits_to_keep if isinstance(logits_to_keep, int) else logits_to_keep.to(self.device),

@@ -61,6 +61,28 @@ def test_mixed_batch_over_scattered_blocks(hf_model, runner):
 
 
 @torch.inference_mode()
+def test_prompts_then_decodes_in_one_forward_attend_the_decodes_on_their_own_tiles(hf_model, runner):
+    """A mixed step as the scheduler orders it: prompts first (one after a cached prefix), then
+    decodes, one token each over their cached context. On CPU the decodes go on 1-row tiles of their
+    own (PagedKVCache.plan); every sequence's logits still equal the model's."""
+    model, tokenizer = hf_model
+    rng = random.Random(1)
+    free = list(range(64))
+    text = tokenizer.encode("def f(x): return x * 2  # the quick brown fox jumps over the lazy dog " * 4)
+    prompts = [(text[:13], 0), (text[5:28], 2 * BLOCK)]
+    decodes = [(text[9:20], 10), (text[2:6], 3), (text[40:49], 8)]  # positions at a block's end, start, middle
+    cases = prompts + decodes
+    seqs = [sequence(tokens, scattered(rng, -(-len(tokens) // BLOCK), free)) for tokens, _ in cases]
+    runner.forward([(seq, 0, start) for seq, (_, start) in zip(seqs, cases) if start])
+    spans = [(seq, start, seq.num_tokens) for seq, (_, start) in zip(seqs, cases)]
+    _, _, decode_rows = runner.cache.plan([(seq.block_ids, start, end) for seq, start, end in spans], tile=16)
+    assert decode_rows is not None and decode_rows.count == len(decodes)
+    logits = runner.forward(spans)
+    for i, (tokens, _) in enumerate(cases):
+        torch.testing.assert_close(logits[i], full_logits(model, tokens)[-1], atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
 def test_shared_prefix_blocks_and_every_position(hf_model, runner):
     """Two sequences hold the same first blocks (a prefix-cache hit); the second computes only its
     tail, and scoring every position of it (prefill_span) matches the model at every position."""
