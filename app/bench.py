@@ -16,7 +16,7 @@ counting chunks, because a chunk may hold any number of tokens.
 
 The client is aiohttp (C-accelerated HTTP parsing, as vLLM's benchmark uses): the load generator
 shares the machine with the server it measures, and httpx's pure-Python streaming cost 0.17 CPU-ms
-per streamed token against aiohttp's 0.03-0.04 (32 clients against a stub SSE server, 2026-12-02),
+per streamed token against aiohttp's 0.065 (32 clients against a stub SSE server, 2026-12-02),
 a fifth of a core at 1,500 tokens/s taken from the server under test.
 
 `--cold-start` measures scale to zero instead: against a model whose autoscaling_config.min_replicas

@@ -12,11 +12,12 @@ Queries go in tiles of one sequence's tokens (CPU: 1 token when decoding, 16 whe
 computed; CUDA: 16, Triton's smallest; a sequence's last tile is padded, its pad rows attend
 nothing). On CPU a forward that computes prompts and decodes together (the scheduler's mixed step)
 attends in two calls, the prompts on 16-row tiles and the decodes after them on 1-row tiles, each
-under its own mask: padded to 16 rows, a decode made a mixed step ~45% slower (docs/profile.md). Each tile lists the blocks of its sequence's block table, so the kernel visits those
-blocks only, in place: blocks wholly before the tile's first position are "full" (no mask
-evaluated), the rest up to its last position "partial", masked by position. A block's position
-is the same in every sequence holding it (block_manager.py shares block i only as block i), so one
-block -> position table per step serves the mask.
+under its own mask: padded to 16 rows, a decode made a mixed step ~45% slower (docs/profile.md).
+Each tile lists the blocks of its sequence's block table, so the kernel visits those blocks only,
+in place: blocks wholly before the tile's first position are "full" (no mask evaluated), the rest
+up to its last position "partial", masked by position. A block's position is the same in every
+sequence holding it (block_manager.py shares block i only as block i), so one block -> position
+table per step serves the mask.
 
 Why compiled: eager FlexAttention is a reference implementation that materialises scores over the
 whole pool. Compiled on CPU it is Inductor's C++ FlexAttention template; on CUDA, Triton's. The
@@ -180,7 +181,7 @@ class MaskBuffers:
         # dynamic shapes, it would add size symbols (ks10, ks11, ...) that torch 2.13's CPU
         # FlexAttention template corrupts (its textual replace of "ks1" also rewrites "ks10": a C++
         # compile error, first seen as a 32-prompt prefill burst outgrowing the 4096 rows).
-        for buffer in (self._qpos, self._tables, self._partial, self.logical):
+        for buffer in (self._qpos, self._tables, self._partial):
             torch._dynamo.mark_static(buffer)
         qpos, logical, bs = self._qpos, self.logical, self.block_size
 
@@ -211,6 +212,7 @@ class PagedKVCache:
         # (tests) then share compilations
         slots = max(LOGICAL_SLOTS, 1 << (num_blocks - 1).bit_length())
         self._logical_device = torch.zeros(slots, dtype=torch.long, device=device)
+        torch._dynamo.mark_static(self._logical_device)  # as MaskBuffers marks its own (see there)
         pad = query_tile(device, size.tokens) - 1  # each sequence's last tile
         # never below the sizes small engines share: engines of different sizes in one process (tests)
         # then share compilations, as the logical slots above do

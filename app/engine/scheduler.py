@@ -120,7 +120,8 @@ class Scheduler:
         """The running sequences outside `skip`, each with room for its next token; a block none can
         get is taken from the worst class's newest sequence, preempted."""
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq in skip:  # preempted earlier in this loop
+            # preempted earlier in this loop, or just admitted (its blocks hold its next token already)
+            if seq.status != SequenceStatus.RUNNING or seq in skip:
                 continue
             while not self.blocks.can_append(seq):
                 victim = max(self.running, key=lambda s: (s.rank, s.order))  # the worst class's newest

@@ -116,7 +116,6 @@ def test_non_streamed_calls_of_several_choices_dropped_while_waiting(drops):
     assert_engine_freed(drop_while_waiting, f"{drops}/v1/chat/completions", chat(stream=False, n=4), SLOTS // 4)
 
 
-
 def test_calls_cancelled_once_placed_but_not_yet_read_leave_the_engine(drops):
     """The moment Serve 2.60's own cancel() missed (app/api/disconnects.py, cancel_call): a call
     placed on its replica whose placement the caller had not read yet. Cancelled there, every one of

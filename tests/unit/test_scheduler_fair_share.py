@@ -27,13 +27,9 @@ def seq(name: str, tenant: str = "", priority: int = 0, tokens: int = 100, promp
                     priority, tenant)
 
 
-def step(s: Scheduler) -> list[Sequence]:
-    """One engine step as the engine takes it: every scheduled sequence gets a token; finished ones leave."""
-    return admitted_in_step(s, every=True)
-
-
-def admitted_in_step(s: Scheduler, every: bool = False) -> list[Sequence]:
-    """`step`, returning the sequences it admitted (every one it ran if `every`)."""
+def run_step(s: Scheduler) -> tuple[list[Sequence], int]:
+    """One engine step as the engine takes it: every scheduled sequence gets a token; finished ones
+    leave. Returns what `schedule` did: (the step's sequences, how many of them, first, it admitted)."""
     seqs, num_prefills = s.schedule()
     for q in seqs:
         q.output_ids.append(7)
@@ -41,7 +37,18 @@ def admitted_in_step(s: Scheduler, every: bool = False) -> list[Sequence]:
         if len(q.output_ids) >= q.params.max_tokens:
             q.status = SequenceStatus.FINISHED
             s.remove(q)
-    return seqs if every else seqs[:num_prefills]
+    return seqs, num_prefills
+
+
+def step(s: Scheduler) -> list[Sequence]:
+    """`run_step`: every sequence the step ran."""
+    return run_step(s)[0]
+
+
+def admitted_in_step(s: Scheduler) -> list[Sequence]:
+    """`run_step`: the sequences the step admitted."""
+    seqs, num_prefills = run_step(s)
+    return seqs[:num_prefills]
 
 
 def test_a_better_class_is_admitted_first_whatever_its_arrival():
