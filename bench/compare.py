@@ -16,6 +16,10 @@ then the ratios the project targets. Writes <out-dir>/benchmark.md, .png and .js
 (b) and (b1) also run 128 and 256 streams (--sweep) in the same server, its batch slots raised to the
 largest; --baseline-tree runs an earlier commit's Conduit the same way, beside this one.
 
+Every served system gets one unmeasured load of its measured kind first (first-call costs, first touch
+of the KV cache's pages), as (a) and (a2) get warm-up runs; and every load, warm-up included, sends
+prompts of its own, so no system's prefix cache serves one load from an earlier one.
+
 Servers listen on 127.0.0.1 only. Conduit needs port 8000 (serve_config.yaml); if it is busy this
 waits for it rather than benchmark whatever is there.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -49,6 +54,8 @@ VENV_BIN = Path(sys.executable).parent
 CONDUIT_URL, CONDUIT_MODEL = "http://127.0.0.1:8000", "conduit-demo"
 TARGETS = {"ceiling": 0.8, "cb": 2.0, "unbatched": 5.0, "ttft_overhead_ms": 15.0, "serving_path_ms": 0.1}
 # Conduit runs, side by side: this tree with each front, and --baseline-tree's with its own default
+# each load's first prompt index (app/bench.py `first_index`): no two loads share a prompt
+PROMPT_RANGES = itertools.count(0, 1_000_000)
 VARIANTS = {"conduit": "(b) Conduit, HAProxy front", "ray_proxy": "(b1) Conduit, Ray's Python proxy front",
             "baseline": "(b0) Conduit at {commit} (`--baseline-tree`)"}
 
@@ -96,10 +103,12 @@ def raw_ceiling(batch: int, prompt_words: int, max_tokens: int) -> dict:
         first, steps = generate(ids, max_tokens)
         runs.append((first + sum(steps), first, steps, time.process_time() - cpu_start))
     total, first, steps, cpu = min(runs)  # a ceiling: the best of three
-    ttft_b1 = statistics.median(generate(ids[:1], 1)[0] for _ in range(20))
+    # whole prompts, one at a time: the batch's are cut to its shortest, the served requests' are not
+    ttft_b1 = statistics.median(generate(torch.tensor([p]), 1)[0] for p in (prompts * 2)[:20])
     return {
         "output_throughput": batch * max_tokens / total,
-        "prompt_tokens": length,
+        "prompt_tokens": length,  # the batch's, cut to its shortest
+        "mean_prompt_tokens": statistics.mean(map(len, prompts)),
         "prefill_s_batch": first,
         "ttft_ms_p50": ttft_b1 * 1e3,  # batch 1: the least a server could answer in
         "tpot_ms_p50": statistics.median(steps) * 1e3,  # one decode step = one token for each sequence
@@ -137,16 +146,21 @@ def engine_alone(concurrency: int, prompt_words: int, max_tokens: int, num_reque
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
     def run(total: int) -> tuple[float, float]:
+        first = next(PROMPT_RANGES)  # prompts of its own: the prefix cache must not serve one run from another
+
+        def add(i: int) -> None:
+            engine.add_request(str(i), tokenizer(synthetic_prompt(prompt_words, first + i))["input_ids"], params)
+
         sent = tokens = 0
         for sent in range(min(concurrency, total)):
-            engine.add_request(str(sent), tokenizer(synthetic_prompt(prompt_words, sent))["input_ids"], params)
+            add(sent)
         sent += 1
         start, cpu_start = time.perf_counter(), time.process_time()
         while engine.has_work():
             for out in engine.step():
                 tokens += len(out.token_ids)
                 if out.finished and sent < total:
-                    engine.add_request(str(sent), tokenizer(synthetic_prompt(prompt_words, sent))["input_ids"], params)
+                    add(sent)
                     sent += 1
         return tokens / (time.perf_counter() - start), (time.process_time() - cpu_start) * 1e3 / tokens
 
@@ -292,7 +306,7 @@ def cpu_ms_per_token(before: dict[int, tuple[str, float]], after: dict[int, tupl
 
 
 def bench(url: str, model: str, **kw) -> dict:
-    summary = asyncio.run(run_benchmark(url, model, **kw))
+    summary = asyncio.run(run_benchmark(url, model, first_index=next(PROMPT_RANGES), **kw))
     print(f"  {summary['completed']} ok, {summary['failed']} failed: {summary['output_throughput']:.0f} tok/s, "
           f"TTFT p50 {summary['ttft_ms']['p50']:.1f} ms, TPOT p50 {summary['tpot_ms']['p50']:.1f} ms", flush=True)
     if summary["failed"]:
@@ -349,7 +363,10 @@ def run_conduit(args, tree: Path = PROJECT_ROOT, front: str | None = None) -> di
     try:
         started = time.monotonic()
         server.wait_ready(CONDUIT_URL, CONDUIT_MODEL)
-        print(f"  ready in {time.monotonic() - started:.0f} s; {args.concurrency} clients ...", flush=True)
+        print(f"  ready in {time.monotonic() - started:.0f} s; warm-up, {args.concurrency} clients (not measured) ...",
+              flush=True)
+        loaded_run(CONDUIT_URL, args)
+        print(f"  {args.concurrency} clients ...", flush=True)
         cpu_before = cpu_seconds_by_process(server.proc.pid)
         client_before = time.process_time()
         loaded = loaded_run(CONDUIT_URL, args)
@@ -423,8 +440,10 @@ def run_transformers_serve(args, continuous_batching: bool) -> dict:
             kw = {"concurrency": args.concurrency, "num_requests": args.num_requests}
         else:  # sequential generation: one client, a few requests, is the whole story
             kw = {"concurrency": 1, "num_requests": args.baseline_requests}
-        summary = bench(url, model, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
-                        ignore_eos=False, **kw)
+        print("  warm-up (not measured) ...", flush=True)
+        for _ in range(2):  # the second is the measured one
+            summary = bench(url, model, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
+                            ignore_eos=False, **kw)
     finally:
         server.stop()
     return row(summary, args.max_tokens)
@@ -521,9 +540,12 @@ def markdown(results: dict, unavailable: dict, args, info: dict, command: str) -
     return f"""# Benchmark: Conduit side by side
 
 {c} concurrent streaming clients (`/v1/completions`, `stream: true`), {m} output tokens per request,
-prompts of ~{args.prompt_tokens} words ({results.get('ceiling', {}).get('prompt_tokens', '?')} tokens), greedy,
+prompts of ~{args.prompt_tokens} words ({fmt(results.get('ceiling', {}).get('mean_prompt_tokens'))} tokens on average; (a)'s batch
+cut to its shortest, {results.get('ceiling', {}).get('prompt_tokens', '?')}, so that it needs no padding), greedy,
 {args.num_requests} requests per loaded run, on the tiny random demo model (`.cache/demo-model`: Llama,
-4 layers, hidden 256, vocab 3000).
+4 layers, hidden 256, vocab 3000). Every prompt of the run is its own (no prefix cache reuses one
+request's prefill for another), and each served system gets one unmeasured load of the measured kind
+first, as (a) and (a2) get warm-up runs.
 
 {table}
 
