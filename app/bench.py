@@ -378,7 +378,7 @@ def summarize(results: list[RequestResult], duration: float, config: dict) -> di
         "output_throughput": output_tokens / duration if duration else 0.0,
         "total_output_tokens": output_tokens,
         "mean_prompt_tokens": sum(r.prompt_tokens for r in ok) / len(ok) if ok else None,
-        "tokens_per_chunk": output_tokens / chunks if chunks else None,
+        "tokens_per_chunk": sum(r.output_tokens for r in ok if r.chunk_times) / chunks if chunks else None,
         "ttft_ms": _stats_ms([r.ttft for r in ok if r.ttft is not None]),
         "tpot_ms": _stats_ms([r.tpot for r in ok if r.tpot is not None]),
         "itl_ms": _stats_ms([gap for r in ok for gap in r.itls]),
@@ -408,7 +408,8 @@ def print_summary(summary: dict) -> None:
     console.print(table)
     tpc = summary["tokens_per_chunk"]
     console.print(
-        f"requests: {summary['completed']} ok, {summary['failed']} failed in {summary['duration_s']:.2f} s | "
+        f"requests: {summary['completed']} ok ({summary['without_text']} with no text, so no TTFT), "
+        f"{summary['failed']} failed in {summary['duration_s']:.2f} s | "
         f"{summary['request_throughput']:.2f} req/s | {summary['output_throughput']:.1f} output tok/s | "
         f"{summary['total_output_tokens']} output tokens, {tpc if tpc is None else round(tpc, 2)} per chunk"
     )

@@ -26,6 +26,7 @@ def test_a_request_with_tokens_but_no_text_counts_without_a_ttft():
     assert summary["ttft_ms"]["p50"] == summary["ttft_ms"]["p99"] == 100.0
     assert [r["ttft_ms"] for r in summary["requests"]] == [100.0, None]
     assert textless.tpot is None
+    assert summary["tokens_per_chunk"] == 5.5  # of the requests that had text
 
 
 def stream_server(events: list[dict]) -> web.Application:
