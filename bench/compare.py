@@ -53,9 +53,9 @@ MODEL_DIR = PROJECT_ROOT / ".cache" / "demo-model"
 VENV_BIN = Path(sys.executable).parent
 CONDUIT_URL, CONDUIT_MODEL = "http://127.0.0.1:8000", "conduit-demo"
 TARGETS = {"ceiling": 0.8, "cb": 2.0, "unbatched": 5.0, "ttft_overhead_ms": 15.0, "serving_path_ms": 0.1}
-# Conduit runs, side by side: this tree with each front, and --baseline-tree's with its own default
 # each load's first prompt index (app/bench.py `first_index`): no two loads share a prompt
 PROMPT_RANGES = itertools.count(0, 1_000_000)
+# Conduit runs, side by side: this tree with each front, and --baseline-tree's with its own default
 VARIANTS = {"conduit": "(b) Conduit, HAProxy front", "ray_proxy": "(b1) Conduit, Ray's Python proxy front",
             "baseline": "(b0) Conduit at {commit} (`--baseline-tree`)"}
 
