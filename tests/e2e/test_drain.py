@@ -105,8 +105,9 @@ def two_replicas(server, model_path):
     # replica (a redeploy); a fixed version makes it what `serve deploy` of a new num_replicas is: a
     # scale-down. Serve only lets its own code set a version, hence _internal.
     options = {"*": {**LIGHT, "version": "1", "_internal": True},
-               # half the streams each: Serve sends a replica no more than its max_ongoing_requests
-               MODEL_DEPLOYMENT: {"num_replicas": 2, "max_ongoing_requests": STREAMS // 2,
+               # half the streams each: Serve sends a replica no more than its max_ongoing_requests, of
+               # which the Ingress's stream channel to it holds one (app/api/stream_mux.py)
+               MODEL_DEPLOYMENT: {"num_replicas": 2, "max_ongoing_requests": STREAMS // 2 + 1,
                                   "graceful_shutdown_wait_loop_s": 0.2, "graceful_shutdown_timeout_s": 60}}
     yield deploy(server, APP, args, options), args, options
     serve.delete(APP, _blocking=False)
@@ -130,16 +131,44 @@ def replica_log(replica_id: str) -> str:
     return (session_logs() / "serve" / f"replica_{APP}_{MODEL_DEPLOYMENT}_{replica_id}.log").read_text()
 
 
+def started_requests(replica_id: str) -> int:
+    return replica_log(replica_id).count(": started,")
+
+
+def channel_open(replica_id: str) -> bool:
+    return "stream channel from ingress" in replica_log(replica_id)
+
+
+def until_both_replicas_stream(url: str, replicas: set[str]) -> None:
+    """Concurrent short requests until each replica has served one and the Ingress has opened its
+    stream channel to it. The channel, opened after a replica's first call, holds one of its
+    max_ongoing_requests: before it is open a replica could take one stream more than half, after it
+    the sixth stream waited for a slot and began after others had ended (found by CI)."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            await asyncio.gather(*(http.post("/v1/chat/completions", json=chat) for _ in range(STREAMS)))
+
+    deadline = time.monotonic() + 60
+    while not all(started_requests(r) and channel_open(r) for r in replicas):
+        assert time.monotonic() < deadline, {r: (started_requests(r), channel_open(r)) for r in replicas}
+        asyncio.run(burst())
+        time.sleep(0.5)  # the channel opens after the call that asked for it
+
+
 def test_scale_down_drops_no_stream(two_replicas, server):
     url, args, options = two_replicas
     before = model_replica_ids()
     assert len(before) == 2
     other_pids = deployment_pids("Ingress") | deployment_pids("Tokenizer")
+    until_both_replicas_stream(url, before)
+    started_before = {replica: started_requests(replica) for replica in before}
 
     async def scale_to_one():
         one = {**options, MODEL_DEPLOYMENT: {**options[MODEL_DEPLOYMENT], "num_replicas": 1}}
         await asyncio.to_thread(deploy, server, APP, args, one)
-        return {replica: replica_log(replica).count(": started,") for replica in before}
+        return {replica: started_requests(replica) - started_before[replica] for replica in before}
 
     results, scaled_at, started_per_replica = asyncio.run(streams_around(scale_to_one, url, MODEL))
     assert_all_whole(results, scaled_at)
@@ -152,6 +181,7 @@ def test_scale_down_drops_no_stream(two_replicas, server):
     assert deployment_pids("Ingress") | deployment_pids("Tokenizer") == other_pids, "a scale-down, not a redeploy"
     # the removed replica was stopping while its streams ran (Serve's own log line), and finished every one
     log = replica_log(removed)
-    assert "to shut down:" in log and log.count("finished (length)") == started_per_replica[removed]
+    assert "to shut down:" in log
+    assert log.count(f"finished (length), {MAX_TOKENS} tokens") == started_per_replica[removed]
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     assert httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30).status_code == 200
