@@ -65,13 +65,16 @@ def phase(msg: str) -> None:
 
 
 # (a) in-process ceiling -----------------------------------------------------------------------
+CEILING_THREADS = 2  # the ceiling's torch threads: this machine's cores, as (c) and (d) use them
+
+
 def raw_ceiling(batch: int, prompt_words: int, max_tokens: int) -> dict:
     """The fastest this model decodes here with no serving at all: one batch, equal-length prompts
     (so no padding or masks), prefill once, then `max_tokens - 1` argmax steps on a KV cache."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(CEILING_THREADS)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa").eval()
     prompts = [tokenizer(synthetic_prompt(prompt_words, i))["input_ids"] for i in range(batch)]
@@ -127,11 +130,12 @@ def replica_threads() -> int:
     return model["engine"].get("num_threads") or max(1, int(options["ray_actor_options"].get("num_cpus", 1)))
 
 
-def engine_alone(concurrency: int, prompt_words: int, max_tokens: int, num_requests: int) -> dict:
+def engine_alone(concurrency: int, prompt_words: int, max_tokens: int, num_requests: int, threads: int) -> dict:
     """Conduit's engine with no serving around it, under the served runs' load: `concurrency`
-    sequences in flight, the next request added as one finishes, on the replica's thread count. What
-    lies between this and the served rate is the serving path's; between the ceiling and this, the
-    engine's (prefills between decode steps, the paged cache, per-request sampling)."""
+    sequences in flight, the next request added as one finishes, on `threads` torch threads. On the
+    replica's thread count (a2), what lies between this and the served rate is the serving path's; on
+    the ceiling's (a3), what lies between this and the ceiling is the engine's (prefills between decode
+    steps, the paged cache, per-request sampling)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,7 +143,6 @@ def engine_alone(concurrency: int, prompt_words: int, max_tokens: int, num_reque
     from app.engine.engine import LLMEngine
     from app.engine.sampling_params import SamplingParams
 
-    threads = replica_threads()
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
@@ -171,12 +174,19 @@ def engine_alone(concurrency: int, prompt_words: int, max_tokens: int, num_reque
             "ttft_ms_p50": None, "tpot_ms_p50": None}
 
 
+def engine_alone_run(args, threads: int) -> dict:
+    result = engine_alone(args.concurrency, args.prompt_tokens, args.max_tokens, args.num_requests, threads)
+    print(f"  {result['output_throughput']:.0f} tok/s on {threads} thread(s), "
+          f"{result['cpu_ms_per_token']:.2f} CPU-ms per token", flush=True)
+    return result
+
+
 def sequential_generate(prompt_words: int, max_tokens: int, num_requests: int) -> dict:
     """Fallback unbatched baseline: `model.generate` one request at a time, in-process."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(CEILING_THREADS)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
     start, tokens = time.perf_counter(), 0
@@ -491,6 +501,10 @@ def ratio_rows(results: dict) -> list[tuple[str, float | None, str, bool | None]
     out = [(name, v, target, None if v is None else v >= t) for name, v, target, t in rows]
     out.append(("Conduit / its engine alone under the same load (tok/s)", served_over_engine, "(what serving keeps)",
                 None))
+    if "engine_all" in results:
+        out.append((f"engine alone on {CEILING_THREADS} threads / in-process ceiling (tok/s)",
+                    results["engine_all"]["output_throughput"] / results["ceiling"]["output_throughput"],
+                    "(the engine's own share of the gap)", None))
     limit = TARGETS["ttft_overhead_ms"]
     out.append(("single-client TTFT p50 - raw prefill+first token (ms)", overhead, f"<= {limit:.0f}",
                 None if overhead is None else overhead <= limit))
@@ -512,11 +526,15 @@ def markdown(results: dict, unavailable: dict, args, info: dict, command: str) -
         "ceiling": f"(a) in-process ceiling: batch {c}, greedy + DynamicCache, no serving",
         "engine": (f"(a2) Conduit's engine alone, in-process: {c} sequences in flight back to back, "
                    f"{results.get('engine', {}).get('threads', '?')} torch thread(s) as the replica, no serving"),
+        "engine_all": (f"(a3) the same engine alone on the ceiling's {CEILING_THREADS} torch threads "
+                       f"(what the engine makes of every core)"),
         "cb": f"(c) transformers serve --continuous-batching, {c} clients",
         "unbatched": "(d) unbatched: one request at a time",
     }
     lines = ["| system | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) |", "|---|---:|---:|---:|"]
     entries = [("ceiling", results.get("ceiling")), ("engine", results.get("engine"))]
+    if "engine_all" in results:
+        entries.append(("engine_all", results["engine_all"]))
     for key in VARIANTS:
         if key == "baseline" and key not in results and key not in unavailable:
             continue
@@ -612,6 +630,9 @@ def cpu_section(results: dict) -> str:
     lines.append(f"| (a) in-process ceiling, for comparison | {results['ceiling']['cpu_ms_per_token']:.2f} |")
     if "engine" in results:
         lines.append(f"| (a2) Conduit's engine alone, for comparison | {results['engine']['cpu_ms_per_token']:.2f} |")
+    if "engine_all" in results:
+        lines.append(f"| (a3) the engine alone on {CEILING_THREADS} threads, for comparison | "
+                     f"{results['engine_all']['cpu_ms_per_token']:.2f} |")
     cores = os.cpu_count() or 1
     lines += ["", f"On {cores} cores this CPU bill alone caps the served rate at {cores * 1e3 / total:,.0f} tok/s, "
               f"whatever the scheduling; the ceiling's bill caps it at "
@@ -657,14 +678,15 @@ def plot(results: dict, path: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = {"ceiling": "(a) in-process\nceiling", "engine": "(a2) engine\nalone", "conduit": "(b) Conduit\nHAProxy",
+    names = {"ceiling": "(a) in-process\nceiling", "engine": "(a2) engine\nalone", "engine_all": "(a3) engine\nalone, all cores",
+             "conduit": "(b) Conduit\nHAProxy",
              "ray_proxy": "(b1) Conduit\nRay proxy", "baseline": "(b0) Conduit\nbaseline",
              "cb": "(c) transformers\nserve CB", "unbatched": "(d) unbatched"}
-    keys = [k for k in names if k != "baseline" or "baseline" in results]  # the baseline only when asked for
+    keys = [k for k in names if k not in ("baseline", "engine_all") or k in results]  # only when measured
     values = [(results[k]["loaded"] if k in VARIANTS else results[k])["output_throughput"]
               if k in results else 0.0 for k in keys]
     fig, (ax, sweep_tps, sweep_ttft) = plt.subplots(1, 3, figsize=(19, 4.5), width_ratios=[2, 1, 1])
-    colors = {"ceiling": "0.6", "engine": "0.8", "conduit": "C0", "ray_proxy": "C3", "baseline": "C4", "cb": "C1", "unbatched": "C2"}
+    colors = {"ceiling": "0.6", "engine": "0.8", "engine_all": "0.7", "conduit": "C0", "ray_proxy": "C3", "baseline": "C4", "cb": "C1", "unbatched": "C2"}
     bars = ax.bar([names[k] for k in keys], values, color=[colors[k] for k in keys])
     ax.bar_label(bars, labels=[f"{v:,.0f}" if v else "n/a" for v in values])
     ax.set_ylabel("output tokens/s")
@@ -719,9 +741,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{results['ceiling']['ttft_ms_p50']:.1f} ms", flush=True)
 
     phase("(a2) Conduit's engine alone, in-process, under the same load")
-    results["engine"] = engine_alone(args.concurrency, args.prompt_tokens, args.max_tokens, args.num_requests)
-    print(f"  {results['engine']['output_throughput']:.0f} tok/s on {results['engine']['threads']} thread(s), "
-          f"{results['engine']['cpu_ms_per_token']:.2f} CPU-ms per token", flush=True)
+    results["engine"] = engine_alone_run(args, replica_threads())
+    if CEILING_THREADS != results["engine"]["threads"]:
+        phase(f"(a3) Conduit's engine alone on the ceiling's {CEILING_THREADS} threads, under the same load")
+        results["engine_all"] = engine_alone_run(args, CEILING_THREADS)
 
     for key, front in (("conduit", None), ("ray_proxy", "ray-proxy")):
         phase(f"{VARIANTS[key]}")
