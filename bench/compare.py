@@ -17,7 +17,7 @@ then the ratios the project targets. Writes <out-dir>/benchmark.md, .png and .js
 largest; --baseline-tree runs an earlier commit's Conduit the same way, beside this one.
 
 Every served system gets one unmeasured load of its measured kind first (first-call costs, first touch
-of the KV cache's pages), as (a) and (a2) get warm-up runs; and every load, warm-up included, sends
+of the KV cache's pages), as (a), (a2) and (a3) get warm-up runs; and every load, warm-up included, sends
 prompts of its own, so no system's prefix cache serves one load from an earlier one.
 
 Servers listen on 127.0.0.1 only. Conduit needs port 8000 (serve_config.yaml); if it is busy this
@@ -564,7 +564,7 @@ cut to its shortest, {results.get('ceiling', {}).get('prompt_tokens', '?')}, so 
 {args.num_requests} requests per loaded run, on the tiny random demo model (`.cache/demo-model`: Llama,
 4 layers, hidden 256, vocab 3000). Every prompt of the run is its own (no prefix cache reuses one
 request's prefill for another), and each served system gets one unmeasured load of the measured kind
-first, as (a) and (a2) get warm-up runs.
+first, as (a), (a2) and (a3) get warm-up runs.
 
 {table}
 
