@@ -3,6 +3,7 @@
   (a) ceiling    batched greedy decode in-process (transformers + DynamicCache), no serving at all
   (a2) engine    Conduit's engine in-process under the served load (N sequences in flight, back to back),
                  with the model replica's torch threads: splits the gap between (a) and (b)
+  (a3) engine    the same on the ceiling's threads: how much of the gap to (a) is the engine's own
   (b) Conduit    through its HTTP front, HAProxy (`conduit run serve_config.yaml`), N streaming clients
   (b1) Conduit   the same behind Ray's Python HTTP proxy, the front before (`conduit run --front ray-proxy`)
   (c) transformers serve --continuous-batching, same model directory, same clients
